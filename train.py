@@ -1,0 +1,28 @@
+"""Train a generator from the Hydra config tree in configs/ (README: "Training").
+
+    python train.py                                          # tiny preset on digits, CPU, minutes
+    python train.py model=zigma_xs model.state_chain=arcee train.max_steps=2000
+    accelerate launch --multi_gpu --num_processes 2 train.py experiment=celebahq_zigma1_arcee
+
+The run folder is Hydra's hydra.run.dir (runs/<name>/<date>_<time> by default); see
+arcee/train/trainer.py for what it holds.
+"""
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+import arcee.train  # registers the config schema (arcee_schema) in Hydra's ConfigStore
+
+if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 writes Hydra's .hydra/ folder and log file
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg):
+    arcee.train.run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
