@@ -234,3 +234,19 @@ def test_evaluate_entry_point_table_and_plot(tmp_path, folders):
 def test_write_table_without_steps(tmp_path):
     paths = write_table([{"name": "a", "fid": 1.0, "step": None}], tmp_path / "t")
     assert paths["plot"] is None and json.loads(paths["json"].read_text())[0]["fid"] == 1.0
+
+
+def test_parameter_free_extractors_get_distinct_cache_identities(tmp_path):
+    """The reference-stats cache is keyed by the extractor's identity: two extractors without
+    weights that compute different features must not share it (a stale-stats bug otherwise)."""
+    from arcee.metrics.fid import build_feature_extractor
+
+    names = []
+    for size in (1, 2):
+        pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(size), torch.nn.Flatten())
+        torch.jit.script(pool).save(str(tmp_path / f"pool{size}.pt"))
+        names.append(build_feature_extractor(str(tmp_path / f"pool{size}.pt"), device="cpu").name)
+        names.append(build_feature_extractor(pool, device="cpu").name)
+    assert len(set(names)) == 4, names
+    again = build_feature_extractor(str(tmp_path / "pool1.pt"), device="cpu").name
+    assert again == names[0]  # the same file: the same identity (the cache is reused)

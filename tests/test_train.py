@@ -242,6 +242,28 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "ema_final.safetensors").exists()
 
 
+def test_in_training_fid_is_the_offline_fid(tmp_path):
+    """train.fid_every logs FID/KID through arcee.metrics; the offline Evaluator on the exported
+    EMA weights, with the same seeds and sampler (train.sample_sampler/steps), gives the same numbers."""
+    pooled = torch.nn.AdaptiveAvgPool2d(1)  # (b, 3, 299, 299) -> (b, 3, 1, 1): 3 well-conditioned features
+    extractor = torch.jit.script(torch.nn.Sequential(pooled, torch.nn.Flatten()))
+    extractor.save(str(tmp_path / "feat.pt"))
+    fid = [f"train.fid_feature_extractor={tmp_path / 'feat.pt'}", "train.fid_every=2", "train.fid_num_samples=12"]
+    run(cfg_of(*fid, "train.max_steps=4"), tmp_path / "run")
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "run") if "fid/fid" in r}
+    assert sorted(logged) == [2, 4] and all(math.isfinite(r["fid/fid"]) for r in logged.values())
+    assert logged[2]["fid/fid"] != logged[4]["fid/fid"]  # the EMA model changed in between
+
+    from arcee.data import ensure_real_samples
+    from arcee.metrics import Evaluator
+    model, cfg = arcee.sample.load_generator(tmp_path / "run" / "ema_final.safetensors")
+    ev = Evaluator(ensure_real_samples(cfg.data), feature_extractor=str(tmp_path / "feat.pt"), verbose=False)
+    solver = {k: v for k, v in (("sampler", cfg.train.sample_sampler), ("steps", cfg.train.sample_steps)) if v}
+    offline = ev.model(model, cfg, 12, seed=cfg.seed, **solver)
+    assert offline["fid"] == pytest.approx(logged[4]["fid/fid"], rel=1e-5)
+    assert offline["kid"] == pytest.approx(logged[4]["fid/kid"], rel=1e-5, abs=1e-9)
+
+
 # ------------------------------------------------------------------------------ subprocesses
 
 

@@ -62,6 +62,8 @@ def build_feature_extractor(spec="inception", mode: str = "clean", device=None, 
     if spec is None or spec == "inception":
         return FeatureExtractor(_load_inception(mode, device), f"inception-{mode}")
     if isinstance(spec, str):
+        if spec.endswith((".pt", ".pth")) and name is None and os.path.isfile(spec):
+            name = "torchscript-" + hashlib.sha256(Path(spec).read_bytes()).hexdigest()[:16]  # its bytes
         spec = _import_extractor(spec)
     if isinstance(spec, torch.nn.Module):
         spec = spec.to(device).eval()
@@ -89,7 +91,7 @@ def _identity(fn) -> str:
     kind = type(fn) if isinstance(fn, torch.nn.Module) else fn
     name = f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', type(fn).__name__)}"
     if isinstance(fn, torch.nn.Module):
-        h = hashlib.sha256()
+        h = hashlib.sha256(repr(fn).encode())  # the architecture (pooling sizes etc.) and the weights
         for k, v in fn.state_dict().items():
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

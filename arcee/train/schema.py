@@ -64,12 +64,15 @@ class TrainConfig:
     log_every: int = 50  # host sync + metrics.jsonl/wandb record every K steps (none in between)
     sample_every: int = 500  # EMA sample grid every K steps (and at the end); 0 = never
     sample_n: int = 64  # images in the grid
-    sample_sampler: Optional[str] = None  # grid sampler (euler | heun | dopri5 ...); null: the flow node's
-    sample_steps: Optional[int] = None  # grid steps for euler/heun; null: the flow node's
+    sample_sampler: Optional[str] = None  # sampler of the grids and in-training FID (euler | heun | dopri5 ...); null: the flow node's
+    sample_steps: Optional[int] = None  # their steps for euler/heun; null: the flow node's
     ckpt_every: int = 500  # checkpoint every K steps (and at the end); 0 = only at the end
     keep_last: int = 2  # rolling checkpoints kept (milestones come on top)
     milestone_every: int = 0  # checkpoints at multiples of this are never deleted; 0 = none
     resume: str = "auto"  # auto (latest complete checkpoint of this run folder, if any) | none | <path>
+    fid_every: int = 0  # in-training FID/KID of the EMA model every K steps (and at the end); 0 = never
+    fid_num_samples: int = 1000  # generated images per in-training FID (the paper's final FID uses 50k offline)
+    fid_feature_extractor: str = "inception"  # inception | pkg.module:attr | a TorchScript .pt (arcee.metrics)
     encode_latents: bool = False  # pixel data + the data node's VAE on the fly -> latents (slow; prefer shards)
 
 
@@ -126,8 +129,10 @@ def check_config(cfg, num_processes: int = 1) -> None:
     t, o = cfg.train, cfg.optim
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last", "sample_n"):
         _require(t[key] >= 1, f"train.{key}", "an integer >= 1", t[key])
-    for key in ("ckpt_every", "sample_every", "milestone_every", "ema_warmup"):
+    for key in ("ckpt_every", "sample_every", "milestone_every", "ema_warmup", "fid_every"):
         _require(t[key] >= 0, f"train.{key}", "an integer >= 0", t[key])
+    _require(t.fid_every == 0 or t.fid_num_samples >= 2, "train.fid_num_samples", ">= 2 for FID/KID",
+             t.fid_num_samples)
     _require(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
     _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
     per_process = num_processes * t.grad_accum

@@ -194,7 +194,7 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
     clip = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is measured, grads scaled by 1
     check_gnorm = _enum(tc.mixed_precision) != "fp16"  # fp16: inf norms are the grad scaler's business
     bar = tqdm(total=tc.max_steps, initial=step, disable=not main, desc=cfg.name, dynamic_ncols=True)
-    stopped = False
+    stopped, evaluator = False, None
     while step < tc.max_steps:
         for micro in range(tc.grad_accum):
             x, y = next(batches)
@@ -222,8 +222,9 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
         stopped = stopper.requested()  # agreed by all ranks
         last = step == tc.max_steps
         grid_now = tc.sample_every and (step % tc.sample_every == 0 or last)
+        fid_now = tc.fid_every and (step % tc.fid_every == 0 or last)
         ckpt_now = last or stopped or (tc.ckpt_every and step % tc.ckpt_every == 0)
-        if step % tc.log_every == 0 or ckpt_now or grid_now:  # the host reads the device accumulators
+        if step % tc.log_every == 0 or ckpt_now or grid_now or fid_now:  # the host reads the device accumulators
             n = step - last_sync
             mean = torch.stack([loss_acc / (n * tc.grad_accum), gnorm_acc / n])
             loss_v, gnorm_v = accelerator.reduce(mean, "mean").tolist()
@@ -246,6 +247,9 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
             last_sync = step
             if grid_now:
                 _sample_grid(cfg, ema, transport, vae, run_dir, step, logger, accelerator)
+            if fid_now:
+                evaluator = evaluator or _evaluator(cfg, device)
+                _log_fid(cfg, evaluator, ema, vae, step, logger, accelerator)
             if ckpt_now:
                 last_ckpt = checkpoint()
             t_sync = time.perf_counter()  # throughput excludes logging, grids and checkpoints
@@ -424,6 +428,27 @@ def _sample_grid(cfg, ema, transport, vae, run_dir, step, logger, accelerator) -
             sample_grid(ema.model, transport, cfg, n=cfg.train.sample_n, seed=cfg.seed, path=path, **solver)
         logger.log_image("samples", path, step)
     accelerator.wait_for_everyone()
+
+
+def _evaluator(cfg, device):
+    """The offline FID/KID code path (arcee.metrics) against the data node's real_samples/."""
+    from arcee.data import ensure_real_samples
+    from arcee.metrics import Evaluator
+
+    return Evaluator(ensure_real_samples(cfg.data), feature_extractor=cfg.train.fid_feature_extractor,
+                     device=device, verbose=False)
+
+
+@torch.no_grad()
+def _log_fid(cfg, evaluator, ema, vae, step, logger, accelerator) -> None:
+    """FID/KID of EMA samples 0..fid_num_samples-1 (sample.py's seeds); every rank generates a share."""
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # must not move the training RNG
+        solver = {k: v for k, v in (("sampler", cfg.train.sample_sampler), ("steps", cfg.train.sample_steps),
+                                    ("vae", vae)) if v is not None}
+        scores = evaluator.model(ema.model, cfg, cfg.train.fid_num_samples, seed=cfg.seed,
+                                 state=accelerator.state, **solver)
+    logger.log({f"fid/{k}": v for k, v in scores.items()}, step=step)
 
 
 class _StopFlag:
