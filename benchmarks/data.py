@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arcee.data import ShardedLMDBDataset, build_shards, encode_latents  # noqa: E402
-from arcee.data.shards import atomic_write_bytes  # noqa: E402
+from arcee.io import atomic_write_bytes  # noqa: E402
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> list[tuple[str, int, np.ndarray]]:

@@ -9,15 +9,15 @@ Arcee overhead in % of step time and writes JSON to benchmarks/results/.
 """
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from arcee.io import atomic_write_text
 
 from arcee.models import build_model
 
@@ -106,18 +106,18 @@ def main():
         image=[m.in_channels, *m.image_size], params=sum(p.numel() for p in m.parameters()),
         compile=args.compile, grad_checkpoint=args.grad_checkpoint, rounds=args.rounds,
         step_ms=ms, step_ms_all={k: [round(1e3 * s, 3) for s in v] for k, v in times.items()},
+        images_per_s={k: 1e3 * args.batch / v for k, v in ms.items()},
         arcee_overhead_pct=overhead, peak_memory_gib=peak or None, torch=torch.__version__,
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     print(f"{args.preset} {variant} batch {args.batch} {args.dtype} on {result['device_name']}: "
-          f"zigma {ms['zigma']:.2f} ms/step, arcee {ms['arcee']:.2f} ms/step, Arcee overhead {overhead:+.2f}%"
+          f"zigma {ms['zigma']:.2f} ms/step ({result['images_per_s']['zigma']:.1f} images/s), "
+          f"arcee {ms['arcee']:.2f} ms/step ({result['images_per_s']['arcee']:.1f} images/s), "
+          f"Arcee overhead {overhead:+.2f}%"
           + (f"; peak memory {peak['zigma']:.2f} / {peak['arcee']:.2f} GiB" if peak else ""))
 
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"model_{args.preset}_{variant}_b{args.batch}_{args.dtype}_{dev.type}.json"
-    with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, path)
+    atomic_write_text(path, json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 

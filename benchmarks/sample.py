@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from arcee.io import atomic_write_text
 from arcee.metrics import Evaluator, build_feature_extractor
 from arcee.models import build_model
 from arcee.sample import ImageSampler
@@ -124,11 +125,8 @@ def main():
     out = {"preset": args.preset, "device": args.device, "device_name": device_name, "batch": args.batch,
            "sampler": args.sampler, "steps": args.steps, "dtype": args.dtype, "sampling": sampling, "fid": fid}
     print(json.dumps(out, indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"sample_{args.preset}_{args.sampler}{args.steps}_b{args.batch}_{args.dtype}_{args.device.split(':')[0]}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

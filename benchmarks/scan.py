@@ -15,11 +15,11 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import torch
 
+from arcee.io import atomic_write_text
 from arcee.ops import selective_scan_fn, selective_scan_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -139,10 +139,7 @@ def write_json(record, out_dir):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev = record["device"].replace(" ", "_").replace("/", "_")
     path = os.path.join(out_dir, f"scan_{dev}_{stamp}.json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2))
     return path
 
 

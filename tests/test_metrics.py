@@ -250,3 +250,24 @@ def test_parameter_free_extractors_get_distinct_cache_identities(tmp_path):
     assert len(set(names)) == 4, names
     again = build_feature_extractor(str(tmp_path / "pool1.pt"), device="cpu").name
     assert again == names[0]  # the same file: the same identity (the cache is reused)
+
+
+def test_extractor_import_strings_accept_classes_factories_functions_and_instances(tmp_path, monkeypatch):
+    (tmp_path / "my_feats.py").write_text(
+        "import torch\n"
+        "class Pool(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x.mean((2, 3))\n"
+        "def make_pool():\n"
+        "    return Pool()\n"
+        "def pool_fn(x):\n"
+        "    return x.amax((2, 3))\n"
+        "instance = Pool()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    for attr, expect in [("Pool", x.mean((2, 3))), ("make_pool", x.mean((2, 3))),
+                         ("instance", x.mean((2, 3))), ("pool_fn", x.amax((2, 3)))]:
+        fx = build_feature_extractor(f"my_feats:{attr}", device="cpu", resize=False)
+        torch.testing.assert_close(fx.fn(x), expect, msg=attr)
+    with pytest.raises(ValueError, match="expected 'inception'"):
+        build_feature_extractor("my_feats.Pool", device="cpu")

@@ -194,7 +194,7 @@ def test_experiments_compose_and_validate(tmp_path):
 def test_exact_resume_2n_equals_n_plus_n(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # logger=disabled must never import wandb
     common = ["train.grad_accum=2", "train.ckpt_every=3", "train.log_every=1"]
-    full = run(cfg_of(*common, "train.max_steps=6", "train.sample_every=2"), tmp_path / "full")  # grids too
+    run(cfg_of(*common, "train.max_steps=6", "train.sample_every=2"), tmp_path / "full")  # grids too
     half = run(cfg_of(*common, "train.max_steps=3"), tmp_path / "split")
     assert half["step"] == 3
     resumed = run(cfg_of(*common, "train.max_steps=6"), tmp_path / "split")  # train.resume=auto

@@ -38,6 +38,8 @@ from filelock import FileLock
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from arcee.io import atomic_write_bytes
+
 MANIFEST = "manifest.json"
 PLAN = "build_plan.json"
 FORMAT_VERSION = 1
@@ -52,17 +54,6 @@ class ShardError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dump_json(obj) -> bytes:

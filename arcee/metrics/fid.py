@@ -12,9 +12,9 @@ import dataclasses
 import glob
 import hashlib
 import importlib
+import inspect
 import json
 import os
-import tempfile
 import time
 import urllib.error
 from collections.abc import Callable
@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from arcee.io import atomic_path
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
@@ -51,8 +53,8 @@ def build_feature_extractor(spec="inception", mode: str = "clean", device=None, 
                             name: str | None = None) -> FeatureExtractor:
     """Inception (clean-fid, per `mode`) or a custom extractor.
 
-    `spec`: "inception"; a torch module or callable; "package.module:attr" (a module, a class
-    or factory called without arguments, or a callable); a TorchScript file (.pt / .pth).
+    `spec`: "inception"; a torch module or callable; "package.module:attr" (a module instance, a
+    class or factory called without arguments, or an extractor function); a TorchScript file (.pt / .pth).
     Custom extractors receive what clean-fid feeds Inception (299x299 after the mode's resize),
     or the images at their own resolution when `resize=False` (e.g. a digits classifier).
     """
@@ -83,7 +85,17 @@ def _import_extractor(spec: str):
     if not sep:
         raise ValueError(f"feature_extractor={spec!r}: expected 'inception', 'package.module:attr' or a .pt file")
     obj = getattr(importlib.import_module(mod), attr)
-    return obj() if isinstance(obj, type) else obj  # a class is instantiated without arguments
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, torch.nn.Module) and _takes_no_args(obj)):
+        return obj()  # a class or a factory: called without arguments
+    return obj  # a module instance or an extractor function (b, 3, H, W) -> (b, d)
+
+
+def _takes_no_args(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _identity(fn) -> str:
@@ -215,12 +227,9 @@ def reference_stats(real, extractor: FeatureExtractor, mode: str = "clean", cach
     size = image_format(files, "real")
     feats = files_features(files, extractor, mode, batch_size, num_workers, device, verbose, f"real {Path(root).name}")
     mu, sigma = stats_of(feats)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, feats=feats, mu=mu, sigma=sigma, size=np.array(size),
                  meta=json.dumps({"folder": root, "mode": mode, "extractor": extractor.name, "n": len(files)}))
-    os.replace(tmp, path)
     for stale in cache_dir.glob(f"{glob.escape(prefix)}*.npz"):
         if stale != path:
             stale.unlink(missing_ok=True)
@@ -361,7 +370,7 @@ class Evaluator:
     def folder(self, samples) -> dict:
         """Scores of every image under folder `samples`."""
         t0 = time.perf_counter()
-        ref = self.reference
+        self.reference  # loaded (or computed) first: a bad reference folder fails before any sample is read
         files = list_images(samples, "samples")
         self._check_size(image_format(files, "samples"), f"samples folder {samples}")
         feats = files_features(files, self.extractor, self.mode, self.batch_size, self.num_workers, self.device,

@@ -4,17 +4,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+from arcee.io import atomic_write_bytes
 
 
 def write_table(rows: list[dict], prefix) -> dict:
@@ -27,8 +19,8 @@ def write_table(rows: list[dict], prefix) -> dict:
     w.writeheader()
     w.writerows(rows)
     out = {"csv": prefix.with_suffix(".csv"), "json": prefix.with_suffix(".json"), "plot": None}
-    _atomic_write(out["csv"], buf.getvalue().encode())
-    _atomic_write(out["json"], json.dumps(rows, indent=2).encode())
+    atomic_write_bytes(out["csv"], buf.getvalue().encode())
+    atomic_write_bytes(out["json"], json.dumps(rows, indent=2).encode())
     out["plot"] = plot_fid_vs_step(rows, prefix.with_suffix(".png"))
     return out
 
@@ -54,5 +46,5 @@ def plot_fid_vs_step(rows: list[dict], path) -> Path | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _atomic_write(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from arcee.io import atomic_path, atomic_write_text
+
 _PNG = re.compile(r"^(\d{6,})\.png$")
 _TMP = re.compile(r"^\.\d{6,}\.png\..*\.tmp$")
 MANIFEST = "sampling.json"
@@ -125,15 +127,8 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
 def save_png(path, image: np.ndarray) -> None:
     """Atomic PNG write of one (h, w, c) uint8 image (c = 1 -> grayscale)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def sample_grid(model, transport, cfg, n: int = 64, seed: int = 0, path=None, **sampler_kwargs) -> np.ndarray:
@@ -245,10 +240,7 @@ def _jsonable(v):
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def read_folder(out_dir, num_samples: int | None = None, limit: int | None = None) -> np.ndarray:
@@ -269,17 +261,14 @@ def export_npz(out_dir, num_samples: int, path) -> None:
     first = _read(out_dir / png_name(0))
     fd, npy = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy.tmp")
     os.close(fd)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
     try:
         arr = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(num_samples, *first.shape))
         for i in range(num_samples):
             arr[i] = _read(out_dir / png_name(i))
         arr.flush()
         del arr
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             zf.write(npy, "arr_0.npy")
-        os.replace(tmp, path)
     finally:
-        for f in (npy, tmp):
-            if os.path.exists(f):
-                os.remove(f)
+        if os.path.exists(npy):
+            os.remove(npy)

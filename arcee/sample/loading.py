@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from arcee.io import atomic_path
 
 # wrappers that prefix parameter names: torch.compile, DDP / DataParallel
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -31,16 +31,8 @@ def save_generator(path: str | os.PathLike, state_dict: dict, cfg, step: int) ->
     cfg_yaml = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True)
     # safetensors refuses shared storage (tied weights): give each tensor its own copy
     tensors = {_strip(k): v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"config": cfg_yaml, "step": str(int(step))})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_generator(path: str | os.PathLike, use_ema: bool = True, device=None):
