@@ -13,8 +13,12 @@ from pathlib import Path
 
 def _file_mode() -> int:
     """Permissions of a newly created file under the current umask (mkstemp alone gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux: read it without changing it (os.umask is set-and-return, racy with threads)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
