@@ -158,42 +158,22 @@ def heldout_loss(model, transport, x1: torch.Tensor, draws, batch_size: int = 25
     return total / count
 
 
-class KeepFirst:
-    """Wraps an ImageSampler (indices -> (uint8 images, nfe)) and keeps the images of indices < `keep`."""
-
-    def __init__(self, sampler, keep: int):
-        self.sampler, self.keep, self.images = sampler, keep, {}
-
-    def __call__(self, indices):
-        images, nfe = self.sampler(indices)
-        for i, img in zip(indices, images):
-            if i < self.keep:
-                self.images[i] = img
-        return images, nfe
-
-    def grid(self) -> np.ndarray:
-        return np.stack([self.images[i] for i in sorted(self.images)])
-
-
 def evaluate_run(run_dir: Path, evaluator, x_val, draws, args, keep: int = 16) -> dict:
+    """Held-out loss, FD / KID (Evaluator.model: in-memory samples 0..n-1) and the first `keep` samples."""
     from arcee.flow import build_transport
-    from arcee.metrics.fid import model_features
     from arcee.sample import ImageSampler, load_generator, read_step
     from arcee.train import read_metrics
 
     t0 = time.perf_counter()
     model, cfg = load_generator(run_dir / "ema_final.safetensors", use_ema=True)
     loss = heldout_loss(model, build_transport(cfg.flow), x_val, draws)
-    sampler = KeepFirst(ImageSampler(model, cfg, seed=SAMPLE_SEED, sampler=args.sampler, steps=args.sample_steps),
-                        keep)
-    ev = evaluator
-    feats, nfe = model_features(sampler, args.num_samples, ev.extractor, ev.mode, ev.batch_size, ev.device,
-                                size=ev.reference.size)
-    scores = ev.scores(feats)
+    solver = {"sampler": args.sampler, "steps": args.sample_steps}
+    scores = evaluator.model(model, cfg, args.num_samples, seed=SAMPLE_SEED, **solver)
+    images, _ = ImageSampler(model, cfg, seed=SAMPLE_SEED, **solver)(list(range(keep)))  # the same first samples
     curve = [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
-    return {"heldout_loss": loss, "fd": scores["fid"], "kid": scores["kid"], "nfe_per_image": nfe,
+    return {"heldout_loss": loss, "fd": scores["fid"], "kid": scores["kid"], "nfe_per_image": scores["nfe_per_image"],
             "step": read_step(run_dir / "ema_final.safetensors"), "final_train_loss": curve[-1][1] if curve else None,
-            "curve": curve, "eval_seconds": time.perf_counter() - t0, "grid": sampler.grid()}
+            "curve": curve, "eval_seconds": time.perf_counter() - t0, "grid": images}
 
 
 def real_floor(evaluator, n: int, seed: int = 0) -> dict:

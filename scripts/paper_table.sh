@@ -76,7 +76,6 @@ if [ -z "$GPUS" ]; then
 fi
 cd "$(dirname "$0")/.."
 read -r -a SAMPLE_EXTRA <<< "$SAMPLE_ARGS"
-read -r -a EVAL_EXTRA <<< "$EVAL_ARGS"
 
 LAUNCH=(accelerate launch --num_processes "$GPUS" --num_machines 1 --mixed_precision no --dynamo_backend no)
 if [ "$GPUS" -gt 1 ]; then LAUNCH=(accelerate launch --multi_gpu "${LAUNCH[@]:2}"); fi
@@ -93,27 +92,26 @@ for ROW in $ROWS; do
   echo "# $ROW"
   run "${LAUNCH[@]}" train.py "experiment=$ROW" "data.path=$DATA" "hydra.run.dir=$RUN" \
     "logger.project=$PROJECT" "logger.mode=$WANDB_MODE_" ${EXTRA[@]+"${EXTRA[@]}"}
-  run "${LAUNCH[@]}" sample.py "ckpt=$RUN/ema_final.safetensors" "out_dir=$RUN/samples_$NUM_SAMPLES" \
-    "num_samples=$NUM_SAMPLES" "batch_size=$SAMPLE_BATCH" ${SAMPLE_EXTRA[@]+"${SAMPLE_EXTRA[@]}"}
-  run python evaluate.py "samples=$RUN/samples_$NUM_SAMPLES" "real=$REAL" "out=$RUN/fid" \
-    ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+  # sample + evaluate: prints (and unless --dry-run runs) its two commands; scores in $RUN/samples_N.json
+  DRY_RUN=$DRY_RUN NUM_GPUS=$GPUS NUM_SAMPLES=$NUM_SAMPLES SAMPLE_BATCH=$SAMPLE_BATCH EVALUATE_ARGS=$EVAL_ARGS \
+    bash scripts/eval_checkpoint.sh "$RUN/ema_final.safetensors" "$REAL" "$RUN/samples_$NUM_SAMPLES" \
+    ${SAMPLE_EXTRA[@]+"${SAMPLE_EXTRA[@]}"}
 done
 
 echo "# table"
-run python - "$RUNS" $ROWS <<'EOF'
-import json, os, sys
+run python - "$RUNS" "$NUM_SAMPLES" $ROWS <<'EOF'
+import json, sys
 from pathlib import Path
-runs, rows = Path(sys.argv[1]), sys.argv[2:]
+from arcee.io import atomic_write_text
+runs, n, rows = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 lines = ["| experiment | FID | KID x 10^3 | samples |", "|---|---|---|---|"]
 for row in rows:
-    f = runs / row / "fid.json"
+    f = runs / row / f"samples_{n}.json"
     r = json.loads(f.read_text())[0] if f.is_file() else {}
     fid, kid = r.get("fid"), r.get("kid")
     lines.append(f"| {row} | {fid:.2f} | {1e3 * kid:.2f} | {r.get('num_samples')} |" if fid is not None
                  else f"| {row} | - | - | - |")
 text = "\n".join(lines) + "\n"
-tmp = runs / f".table.md.{os.getpid()}.tmp"
-tmp.write_text(text)
-os.replace(tmp, runs / "table.md")
+atomic_write_text(runs / "table.md", text)
 print(text + f"wrote {runs / 'table.md'}")
 EOF

@@ -51,7 +51,9 @@ def _dry_run(*args) -> dict:
 
 
 def _after(argv, script):
-    return argv[argv.index(script) + 1:]
+    """The arguments after `script` (named by its path or its file name)."""
+    i = next(k for k, a in enumerate(argv) if os.path.basename(a) == script)
+    return argv[i + 1:]
 
 
 def test_paper_table_dry_run_composes(tmp_path):
