@@ -151,15 +151,14 @@ def test_cpu_matches_reference_each_option(drop):
 
 
 @pytest.mark.parametrize("l", [7, 64, 100])
-def test_cpu_segments_match_reference(monkeypatch, l):
-    """Long inputs are walked in segments of chunks; force many tiny segments."""
+def test_cpu_chunks_and_tiles_match_reference(monkeypatch, l):
+    """The kernel walks time in chunks and channels in tiles of 16: force 3-step chunks (with a
+    shorter tail) and groups of 20 channels (a full and a partial tile)."""
     from arcee.ops import scan_cpu
 
-    monkeypatch.setattr(scan_cpu, "SEGMENT_ELEMS", 1)
-    monkeypatch.setattr(scan_cpu, "MIN_SEGMENT", 5)
-    _, chunks, per_segment = scan_cpu.plan(l, 2 * 4 * 5)
-    assert chunks > per_segment  # more than one segment
-    x = make_inputs(b=2, d=4, n=5, l=l, g=2)
+    monkeypatch.setattr(scan_cpu, "MAX_CHUNK", 3)
+    assert scan_cpu.chunk_len(5) == 3
+    x = make_inputs(b=2, d=40, n=5, l=l, g=2)
     assert_matches(run(x, "cpu"), run(to64(x), "reference"), torch.float32)
 
 

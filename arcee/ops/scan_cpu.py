@@ -1,237 +1,169 @@
-"""Fast CPU selective scan: chunked forward and hand-written backward, no autograd over time.
+"""Fast CPU selective scan: one fused C++ pass forward, one recompute + reverse pass backward.
 
-The recurrence h_t = a_t h_{t-1} + x_t (a_t = exp(dt_t A), x_t = dt_t B_t u_t) is diagonal in
-(b, d, n), so it is solved on time-first tensors (L, b, d, n) cut into chunks of T ~ sqrt(l)
-steps, and each Python step updates all chunks at once:
-  pass 1  run every chunk from a zero state to get its local end state s_c;
-  carry   H_{c+1} = P_c H_c + s_c with P_c = prod_t a_t over the chunk (one step per chunk);
-  pass 2  rerun the chunks in place, seeded with their true entry state H_c.
-Only products of a_t <= 1 are formed, never their inverses, so it is as stable as the
-sequential loop. The entry states H_c are saved (with dt and y); the backward recomputes h
-from them (pass 2 only) and solves the adjoint lam_t = gy_t C_t + a_{t+1} lam_{t+1} the same way in
-reverse (REFERENCE.md section 1). Long inputs are walked in segments of whole chunks, so the
-(steps, b, d, n) temporaries stay bounded (and in cache); the state carries across segments.
-The tail chunk is padded with identity steps (dt = 0: a = 1, x = 0).
+The kernel (`scan_cpu.cpp`, plain C++17 without torch headers) is compiled on first use with the
+system compiler (`$CXX`, default `c++`; about 5 s) for this machine (`-march=native`), cached
+under `$ARCEE_CACHE` (default `~/.cache/arcee`) and called through ctypes. It walks time in
+chunks of `T` steps with the state of 16 channels in vector registers, fuses softplus, the bias,
+`D`, `silu(z)` and every gradient, and saves only the state entering each chunk; nothing of size
+(b, d, n, l) is ever written. A tail chunk is simply shorter, so any `l` is exact. Math:
+REFERENCE.md section 1 and docs/ops.md.
+
+Threads: `torch.get_num_threads()` workers claim tasks (16 channels of one batch element
+forward, one group of one batch element backward) from a shared counter; the caller never waits
+for a worker that has not started, and workers sleep instead of spinning. It uses none of torch's
+OpenMP, so a busy machine costs at most one task a descheduled worker holds (benchmarks/scan.py
+measures 1 against 2 threads).
 """
-import math
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from .scan_ref import compute_dtype
 
-SEGMENT_ELEMS = 1 << 19  # steps x b x d x n per segment: ~2 MB per fp32 temporary
-LOG2E = 1.0 / math.log(2.0)
-MIN_SEGMENT = 64  # steps; below this the Python loops cost more than the memory traffic
+LANES = 16  # channels per vector: W in scan_cpu.cpp
+MAX_CHUNK = 64  # steps per chunk; the backward keeps 4 x T x n x 16 values of the chunk in cache
+CHUNK_STATES = 2048  # T x n at most (512 KiB of fp32 backward scratch)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cpu.cpp")
+CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
 
 
-def plan(l: int, m: int):
-    """(T, number of chunks, chunks per segment) for length l and m = b d n states per step.
-
-    T ~ sqrt(segment length) balances the T in-chunk steps against the carry steps."""
-    seg = min(l, max(MIN_SEGMENT, SEGMENT_ELEMS // m))
-    T = math.isqrt(seg - 1) + 1  # ceil(sqrt(seg))
-    return T, -(-l // T), -(-seg // T)
+def chunk_len(n: int) -> int:
+    """Steps per chunk for d_state n (8 at n = 256): one saved state per chunk, backward scratch ~ T n."""
+    return max(1, min(MAX_CHUNK, CHUNK_STATES // n))
 
 
-_workspace = threading.local()
+class _Args(ctypes.Structure):
+    """ScanArgs in scan_cpu.cpp (same field order)."""
+    _fields_ = ([(k, ctypes.c_int64) for k in ("b", "d", "l", "n", "g", "T", "softplus", "threads")]
+                + [(k, ctypes.c_void_p) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0",
+                                                  "out", "hT", "saved", "dout", "dhT", "du", "ddelta", "dA",
+                                                  "dB", "dC", "dD", "dz", "ddelta_bias", "dh0")])
 
 
-def _scratch(slot: str, shape, dtype) -> torch.Tensor:
-    """A per-thread scratch buffer reused across calls (contents undefined).
-
-    glibc returns freed blocks of more than a few hundred KB to the OS, and faulting fresh
-    pages in on every call costs more than the arithmetic. A slot holds one segment's
-    (steps, b, d, n) or one (l, b, d)-sized tensor.
-    """
-    numel = math.prod(shape)
-    buf = getattr(_workspace, slot, None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        setattr(_workspace, slot, buf)
-    return buf[:numel].view(shape)
+_lib = None
+_lib_lock = threading.Lock()
 
 
-def _time_first(x, L, ct, slot):
-    """(b, ..., l) -> zero-padded (L, b, ...) in dtype ct, in scratch buffer `slot`."""
-    *lead, l = x.shape
-    out = _scratch(slot, (L, *lead), ct)
-    out.view(L, -1)[:l].copy_(x.to(ct).reshape(-1, l).t())  # as 2-D: torch's blocked transpose
-    out[l:] = 0
-    return out
+def _cache_dir() -> str:
+    root = os.environ.get("ARCEE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "arcee")
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    root = os.path.join(tempfile.gettempdir(), f"arcee-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    os.makedirs(root, exist_ok=True)
+    return root
 
 
-def _untime(x, l):
-    """(L, b, ...) -> a new contiguous (b, ..., l): never a view of the scratch `x`."""
-    L, *lead = x.shape
-    out = x.new_empty(*lead, l)
-    out.view(-1, l).copy_(x.view(L, -1)[:l].t())  # as 2-D: torch's blocked transpose
-    return out
+def _machine() -> str:
+    """What -march=native depends on: the CPU's model and flags (Linux), else the platform."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
 
 
-def _biased(delta, delta_bias, ct):
-    """v = delta + delta_bias, (b, d, l); dt = softplus(v) or v."""
-    return delta.to(ct) if delta_bias is None else delta.to(ct) + delta_bias.to(ct)[:, None]
+def _build() -> str:
+    """Compile scan_cpu.cpp once per source, compiler, flags and CPU; return the library path."""
+    cxx = os.environ.get("CXX", "c++")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + "\0".join([cxx, *CXXFLAGS, _machine()]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    path = os.path.join(cache, f"scan_cpu_{key}.so")
+    if os.path.exists(path):
+        return path
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # then an atomic rename: concurrent builds are safe
+    os.close(fd)
+    try:
+        subprocess.run([cxx, *CXXFLAGS, SOURCE, "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        raise RuntimeError(f"the CPU selective scan compiles a small C++ kernel on first use, but the compiler "
+                           f"{cxx!r} was not found: install g++ (or set CXX), or pass backend='reference'") from None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {SOURCE} with {cxx!r} failed:\n{e.stderr[-4000:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
-def _chunks(x, T):
-    """(nc T, *s) -> T views (nc, *s): step k of every chunk."""
-    return x.view(-1, T, *x.shape[1:]).unbind(1)
+def kernel() -> ctypes.CDLL:
+    """The compiled kernel library (built on first call)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            lib = ctypes.CDLL(_build())
+            for name in ("arcee_scan_fwd_f32", "arcee_scan_fwd_f64", "arcee_scan_bwd_f32", "arcee_scan_bwd_f64"):
+                getattr(lib, name).argtypes = [ctypes.POINTER(_Args)]
+                getattr(lib, name).restype = None
+            _lib = lib
+    return _lib
 
 
-def _carry_fwd(a, x, T, states):
-    """Fill states[1:] (nc + 1, *s) from states[0]: the state entering each chunk, then h_last."""
-    a_k, x_k = _chunks(a, T), _chunks(x, T)
-    s = x_k[0].clone()
-    for k in range(1, T):
-        s = torch.addcmul(x_k[k], a_k[k], s)  # s_c: chunk c's end state from a zero start
-    P = a.view(-1, T, *a.shape[1:]).prod(1)  # chunk c's total decay
-    for s_c, P_c, h_in, h_out in zip(s, P, states[:-1], states[1:]):
-        torch.addcmul(s_c, P_c, h_in, out=h_out)
+def _prepare(ct, *xs):
+    """Contiguous copies in the compute dtype (no copy when already so); None stays None."""
+    return [None if x is None else x.to(ct).contiguous() for x in xs]
 
 
-def _scan_fwd_(a, x, T, entry):
-    """In place x <- h for h_t = a_t h_{t-1} + x_t, each chunk seeded with entry (nc, *s)."""
-    a_k, x_k = _chunks(a, T), _chunks(x, T)
-    x_k[0].addcmul_(a_k[0], entry)
-    for k in range(1, T):
-        x_k[k].addcmul_(a_k[k], x_k[k - 1])
+def _call(which, ct, sizes, tensors):
+    """Run arcee_scan_{which}_{f32|f64} on ScanArgs built from `sizes` (ints) and `tensors`
+    (contiguous, dtype ct, or None: absent)."""
+    args = _Args(**sizes, **{k: None if x is None else x.data_ptr() for k, x in tensors.items()})
+    getattr(kernel(), f"arcee_scan_{which}_{'f64' if ct == torch.float64 else 'f32'}")(ctypes.byref(args))
 
 
-def _scan_rev_(a, x, T, g_last):
-    """In place x <- lam for lam_t = x_t + a_{t+1} lam_{t+1}, lam_{L-1} = x_{L-1} + g_last.
-
-    Returns a_0 lam_0: the gradient flowing into the state before the first step.
-    """
-    nc = a.shape[0] // T
-    a_k, x_k = _chunks(a, T), _chunks(x, T)
-    s = x_k[T - 1].clone()
-    for k in range(T - 2, -1, -1):
-        s = torch.addcmul(x_k[k], a_k[k + 1], s)  # s_c: chunk c's lam_0 from a zero carry
-    P, s = a.view(nc, T, *a.shape[1:]).prod(1), s.mul_(a_k[0])
-    # carry[c + 1] = a_{t+1} lam_{t+1} entering chunk c at its last step t; carry[0] = a_0 lam_0.
-    carry = x.new_empty(nc + 1, *x.shape[1:])
-    carry[nc] = g_last
-    for s_c, P_c, c_in, c_out in zip(*(v.unbind(0)[::-1] for v in (s, P, carry[1:], carry[:-1]))):
-        torch.addcmul(s_c, P_c, c_in, out=c_out)
-    x_k[T - 1].add_(carry[1:])
-    for k in range(T - 2, -1, -1):
-        x_k[k].addcmul_(a_k[k + 1], x_k[k + 1])
-    return carry[0]
-
-
-def _fill(dt_t, dtu_t, A2, B_t, g):
-    """One segment's a = exp(dt A) = 2^(dt A2) (A2 = A log2(e); exp2 is ~2x faster than exp)
-    and x = dt B u, (steps, b, d, n), in scratch buffers."""
-    L, b, d = dt_t.shape
-    n = A2.shape[1]
-    a = torch.mul(dt_t[..., None], A2, out=_scratch("a", (L, b, d, n), dt_t.dtype)).exp2_()
-    x = _scratch("x", (L, b, d, n), dt_t.dtype)
-    torch.mul(dtu_t.view(L, b, g, d // g, 1), B_t[:, :, :, None], out=x.view(L, b, g, d // g, n))
-    return a, x
-
-
-def _contract_n(x5, v, out):
-    """out[t, b, g * e] = sum_n x5[t, b, g, e, n] v[t, b, g, n]."""
-    # as vec-mat products: ~4x faster than the equivalent mat-vec on CPU
-    torch.matmul(v[..., None, :], x5.transpose(-1, -2), out=out.view(*v.shape[:3], 1, -1))
-
-
-def _contract_e(x5, w, out):
-    """out[t, b, g, n] = sum_e x5[t, b, g, e, n] w[t, b, g, e]."""
-    torch.matmul(w[..., None, :], x5, out=out[..., None, :])
-
-
-def _segments(nc, per_seg):
-    return [(c0, min(c0 + per_seg, nc)) for c0 in range(0, nc, per_seg)]
+def _saved_numel(b, d, l, n, g):
+    return b * -(-l // chunk_len(n)) * g * -(-(d // g) // LANES) * n * LANES
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
-    """Shapes as in selective_scan_fn (B, C 4-D). Returns out (b, d, l) in u's dtype,
-    h_T (b, d, n) fp32/fp64 and `saved`: the chunk entry states, dt and (with z) y, flat."""
+    """Shapes as in selective_scan_fn (B, C 4-D). Returns out (b, d, l) in u's dtype, h_T (b, d, n)
+    fp32/fp64 and `saved`: the state entering every chunk, (b, chunks, g, tiles, n, 16) flat."""
     b, d, l = u.shape
     g, n = B.shape[1], A.shape[1]
     ct = compute_dtype(u.dtype)
-    T, nc, per_seg = plan(l, b * d * n)
-    L, A2 = nc * T, A.to(ct) * LOG2E
-    dt = _biased(delta, delta_bias, ct)
-    dt = F.softplus(dt) if delta_softplus else dt  # threshold 20: identity above
-    dt_t, dtu_t = _time_first(dt, L, ct, "dt"), _time_first(dt * u, L, ct, "dtu")
-    B_t, C_t = _time_first(B, L, ct, "B"), _time_first(C, L, ct, "C")
-    states = u.new_empty(nc + 1, b, d, n, dtype=ct)  # states[c] enters chunk c; states[nc] = h_T
-    states[0] = 0 if h0 is None else h0
-    y = _scratch("y", (L, b, d), ct)  # C . h
-    for c0, c1 in _segments(nc, per_seg):
-        t = slice(c0 * T, c1 * T)
-        a, x = _fill(dt_t[t], dtu_t[t], A2, B_t[t], g)
-        _carry_fwd(a, x, T, states[c0:c1 + 1])
-        _scan_fwd_(a, x, T, states[c0:c1])  # x <- h
-        _contract_n(x.view(-1, b, g, d // g, n), C_t[t], out=y[t])
-    y = _untime(y, l)
-    if D is not None:
-        y = torch.addcmul(y, u.to(ct), D.to(ct)[:, None])
-    saved = torch.cat([states[:nc].flatten(), dt.flatten()] + ([] if z is None else [y.flatten()]))
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    return y.to(u.dtype), states[nc].clone(), saved
+    u_, delta_, B_, C_, z_ = _prepare(ct, u, delta, B, C, z)
+    A_, D_, bias_, h0_ = _prepare(ct, A, D, delta_bias, h0)
+    out = torch.empty(b, d, l, dtype=ct)
+    h_T = torch.empty(b, d, n, dtype=ct)
+    saved = torch.empty(_saved_numel(b, d, l, n, g), dtype=ct)
+    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=torch.get_num_threads())
+    _call("fwd", ct, sizes, dict(u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, z=z_, delta_bias=bias_, h0=h0_,
+                                 out=out, hT=h_T, saved=saved))
+    return out.to(u.dtype), h_T, saved
 
 
 def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, saved):
-    """Gradients of forward's (out, h_T) by REFERENCE.md section 1; None where the input was None.
-
-    Walks the segments in reverse, recomputing h from the saved entry states and carrying
-    a_t lam_t (the gradient flowing into the state before step t) from segment to segment."""
+    """Gradients of forward's (out, h_T) by REFERENCE.md section 1; None where the input was None."""
     b, d, l = u.shape
     g, n = B.shape[1], A.shape[1]
-    e, ct = d // g, compute_dtype(u.dtype)
-    T, nc, per_seg = plan(l, b * d * n)
-    L, A = nc * T, A.to(ct)
-    A2 = A * LOG2E
-    u, dout = u.to(ct), dout.to(ct)
-    n_entry, n_dt = nc * b * d * n, b * d * l
-    entry, dt = saved[:n_entry].view(nc, b, d, n), saved[n_entry:n_entry + n_dt].view(b, d, l)
-    y = None if z is None else saved[n_entry + n_dt:].view(b, d, l)  # C . h + D u
-    gy = dout if z is None else dout * F.silu(z.to(ct))  # dL/dy
-    dt_t, dtu_t = _time_first(dt, L, ct, "dt"), _time_first(dt * u, L, ct, "dtu")
-    B_t, C_t = _time_first(B, L, ct, "B"), _time_first(C, L, ct, "C")
-    gy_t = _time_first(gy, L, ct, "gy").view(L, b, g, e)
-    lamB, Aq = _scratch("lamB", (L, b, d), ct), _scratch("y", (L, b, d), ct)
-    dB, dC = _scratch("dB", (L, b, g, n), ct), _scratch("dC", (L, b, g, n), ct)
-    dA = A.new_zeros(d, n)
-    carry = torch.zeros(b, d, n, dtype=ct) if dh_T is None else dh_T.to(ct)
-    for c0, c1 in reversed(_segments(nc, per_seg)):
-        t = slice(c0 * T, c1 * T)
-        a, h = _fill(dt_t[t], dtu_t[t], A2, B_t[t], g)
-        _scan_fwd_(a, h, T, entry[c0:c1])  # h <- the states
-        h5 = h.view(-1, b, g, e, n)
-        _contract_e(h5, gy_t[t], out=dC[t])
+    ct = compute_dtype(u.dtype)
+    u_, delta_, B_, C_, z_, dout_ = _prepare(ct, u, delta, B, C, z, dout)
+    A_, D_, bias_, dh_T_ = _prepare(ct, A, D, delta_bias, dh_T)
 
-        lam = _scratch("lam", h.shape, ct)
-        lam5 = lam.view(h5.shape)
-        torch.mul(gy_t[t, ..., None], C_t[t, :, :, None], out=lam5)
-        carry = _scan_rev_(a, lam, T, carry)  # lam <- dL/dh_t
-        _contract_n(lam5, B_t[t], out=lamB[t])  # sum_n lam B
-        _contract_e(lam5, dtu_t[t].view(-1, b, g, e), out=dB[t])
+    saved = saved.contiguous()
 
-        # q_t = lam_t a_t h_{t-1} = lam_t (h_t - dt_t B_t u_t), formed in a's buffer.
-        a4, h4 = a.view(-1, T, b, d, n), h.view(-1, T, b, d, n)
-        a4[:, 1:] *= h4[:, :-1]
-        a4[:, 0] *= entry[c0:c1]
-        q = a.mul_(lam)
-        qA = torch.mul(q, A, out=h)  # h is dead: reuse its buffer
-        torch.mv(qA.view(-1, n), qA.new_ones(n), out=Aq[t].view(-1))  # sum_n q A; mat-vec beats sum(-1)
-        dA += q.mul_(dt_t[t, ..., None]).sum((0, 1))
-    lamB, Aq = _untime(lamB, l), _untime(Aq, l)
-    dz = None if z is None else torch.ops.aten.silu_backward(dout * y, z.to(ct))  # dout y silu'(z)
-    ddelta = torch.addcmul(Aq, u, lamB)  # dL/d dt
-    if delta_softplus:
-        ddelta = torch.ops.aten.softplus_backward(ddelta, _biased(delta, delta_bias, ct), 1.0, 20.0)
-    du = dt * lamB
-    dD = None
-    if D is not None:
-        du = torch.addcmul(du, gy, D.to(ct)[:, None])
-        dD = (gy * u).sum((0, 2))
-    ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2))
-    dh0 = None if h0 is None else carry
-    return du, ddelta, dA, _untime(dB, l), _untime(dC, l), dD, dz, ddelta_bias, dh0
+    def new(*shape, present=True):
+        return torch.empty(*shape, dtype=ct) if present else None
+
+    du, ddelta, dz = new(b, d, l), new(b, d, l), new(b, d, l, present=z is not None)
+    dA, dB, dC = new(d, n), new(b, g, n, l), new(b, g, n, l)
+    dD, dbias = new(d, present=D is not None), new(d, present=delta_bias is not None)
+    dh0 = new(b, d, n, present=h0 is not None)
+    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=torch.get_num_threads())
+    _call("bwd", ct, sizes, dict(u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, z=z_, delta_bias=bias_, saved=saved,
+                                 dout=dout_, dhT=dh_T_, du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dz=dz,
+                                 ddelta_bias=dbias, dh0=dh0))
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dh0
