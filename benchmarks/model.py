@@ -2,6 +2,7 @@
 
     python benchmarks/model.py                                   # CPU: zigma_xs, 16x16x1, fp32
     python benchmarks/model.py --preset zigma_b2 --batch 32      # GPU: bf16 autocast, peak memory
+    python benchmarks/model.py --preset zigma_b2 --block paper --batch 1 --rounds 3   # CPU: the paper's B/2
 
 The two models share their weights (Arcee adds no parameter); steps are timed alternately in
 rounds and summarised by the median, so drift on a shared machine hits both alike. Prints the
@@ -32,6 +33,9 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=32 if cuda else 8)
     ap.add_argument("--k", type=int, default=None, help="scan orders (num_orders); default: the preset's")
     ap.add_argument("--vim", action="store_true", help="bidirectional raster scan (Vision Mamba) instead")
+    ap.add_argument("--block", choices=["prenorm", "paper"], default=None,
+                    help="backbone around the mixer (model.block); default: the preset's")
+    ap.add_argument("--depth", type=int, default=None, help="default: the preset's (Vim-B/2 in the paper: 20)")
     ap.add_argument("--dtype", choices=DTYPES, default="bf16" if cuda else "fp32", help="autocast dtype")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--image-size", type=int, default=None, help="default: 16 for zigma_xs, else 32")
@@ -53,6 +57,7 @@ def build(args, state_chain):
         over.update(scan_order="raster", num_orders=1, bidirectional=True)
     elif args.k is not None:
         over["num_orders"] = args.k
+    over.update({k: v for k, v in dict(block=args.block, depth=args.depth).items() if v is not None})
     return build_model(OmegaConf.merge(cfg, over)).to(args.device)
 
 
@@ -99,9 +104,10 @@ def main():
 
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     overhead = 100 * (ms["arcee"] / ms["zigma"] - 1)
-    variant = "vim" if args.vim else f"k{m.num_orders}"
+    variant = ("vim" if args.vim else f"k{m.num_orders}") + ("" if m.block == "prenorm" else f"_{m.block}")
     result = dict(
-        preset=args.preset, variant=variant, batch=args.batch, dtype=args.dtype, device=str(dev),
+        preset=args.preset, variant=variant, block=m.block, depth=len(m.blocks), batch=args.batch,
+        dtype=args.dtype, device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         image=[m.in_channels, *m.image_size], params=sum(p.numel() for p in m.parameters()),
         compile=args.compile, grad_checkpoint=args.grad_checkpoint, rounds=args.rounds,

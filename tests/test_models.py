@@ -101,8 +101,9 @@ def test_block_scans_along_its_path():
         assert (changed[:j] == 0).all() and (changed[j:] > 0).all()
 
 
-def test_permute_once_for_k1_equals_gather_in_every_block():
-    once = randomize_(tiny(num_orders=1, state_chain="arcee")).eval()
+@pytest.mark.parametrize("block", ["prenorm", "paper"])
+def test_permute_once_for_k1_equals_gather_in_every_block(block):
+    once = randomize_(tiny(num_orders=1, state_chain="arcee", block=block)).eval()
     per_block = copy.deepcopy(once)
     path = once.path
     per_block.path = per_block.inverse = None
@@ -180,8 +181,9 @@ def test_sincos_2d_closed_form():
     dict(scan_order="sweep", num_orders=2), dict(num_classes=10),
     dict(image_size=[8, 12], in_channels=3, state_chain="arcee"),  # non-square, RGB
 ])
-def test_output_shape_equals_input_shape(overrides):
-    model = tiny(**overrides)
+@pytest.mark.parametrize("block", ["prenorm", "paper"])
+def test_output_shape_equals_input_shape(overrides, block):
+    model = tiny(block=block, **overrides)
     C, (H, W) = model.in_channels, model.image_size
     x = torch.randn(2, C, H, W)
     y = torch.tensor([3, 10]) if overrides.get("num_classes") else None
@@ -191,8 +193,9 @@ def test_output_shape_equals_input_shape(overrides):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_arcee_adds_no_parameters(variant):
-    none, arcee = (tiny(state_chain=s, depth=8, **VARIANTS[variant]) for s in ("none", "arcee"))
+@pytest.mark.parametrize("block", ["prenorm", "paper"])
+def test_arcee_adds_no_parameters(variant, block):
+    none, arcee = (tiny(state_chain=s, depth=8, block=block, **VARIANTS[variant]) for s in ("none", "arcee"))
     shapes = lambda m: [(k, tuple(p.shape)) for k, p in m.named_parameters()]
     assert shapes(none) == shapes(arcee)
 
@@ -222,8 +225,9 @@ def test_state_chain_none_starts_every_block_at_zero():
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_arcee_chain_passes_each_final_state_on(bidirectional):
-    model = randomize_(tiny(state_chain="arcee", bidirectional=bidirectional))
+@pytest.mark.parametrize("block", ["prenorm", "paper"])
+def test_arcee_chain_passes_each_final_state_on(bidirectional, block):
+    model = randomize_(tiny(state_chain="arcee", bidirectional=bidirectional, block=block))
     seen = capture_states(model)
     model(torch.randn(2, 1, 8, 8), torch.rand(2))
     assert seen[0][0] is None  # block 0 starts at zero
@@ -232,12 +236,13 @@ def test_arcee_chain_passes_each_final_state_on(bidirectional):
         assert h0.shape == (2, (2 if bidirectional else 1) * 32, 4)
 
 
-@pytest.mark.parametrize("variant", ["k1", "k4", "vim"])
+@pytest.mark.parametrize("variant, block", [("k1", "prenorm"), ("k4", "prenorm"), ("vim", "prenorm"),
+                                            ("k1", "paper"), ("vim", "paper")])
 @pytest.mark.parametrize("chain, boundary, reaches", [("none", "identity", False), ("arcee", "identity", True),
                                                       ("arcee", "detach", False)])
-def test_block0_influences_the_loss_only_through_the_state(variant, chain, boundary, reaches):
+def test_block0_influences_the_loss_only_through_the_state(variant, block, chain, boundary, reaches):
     """Block 0's gate is zeroed: its only path to the output is h_T -> block 1's h0."""
-    model = randomize_(tiny(state_chain=chain, boundary_map=boundary, **VARIANTS[variant]))
+    model = randomize_(tiny(state_chain=chain, boundary_map=boundary, block=block, **VARIANTS[variant]))
     with torch.no_grad():
         gate = model.blocks[0].adaLN[1]
         gate.weight[32:].zero_()  # rows [2w, 3w) of (shift, scale, gate), w = 16
@@ -256,9 +261,9 @@ def test_block0_influences_the_loss_only_through_the_state(variant, chain, bound
     assert moved == (chain == "arcee")
 
 
-@pytest.mark.parametrize("chain", ["none", "arcee"])
-def test_grad_checkpoint_gives_the_same_gradients(chain):
-    model = randomize_(tiny(state_chain=chain))
+@pytest.mark.parametrize("chain, block", [("none", "prenorm"), ("arcee", "prenorm"), ("arcee", "paper")])
+def test_grad_checkpoint_gives_the_same_gradients(chain, block):
+    model = randomize_(tiny(state_chain=chain, block=block))
     ckpt = copy.deepcopy(model)
     ckpt.grad_checkpoint = True
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
@@ -268,8 +273,9 @@ def test_grad_checkpoint_gives_the_same_gradients(chain):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_bf16_autocast_keeps_residual_and_states_fp32():
-    model = randomize_(tiny(state_chain="arcee", bidirectional=True))
+@pytest.mark.parametrize("block", ["prenorm", "paper"])
+def test_bf16_autocast_keeps_residual_and_states_fp32(block):
+    model = randomize_(tiny(state_chain="arcee", bidirectional=True, block=block))
     seen = []
     model.blocks[1].register_forward_hook(lambda mod, args, out: seen.append((out[0].dtype, out[1].dtype)))
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
@@ -352,6 +358,7 @@ def test_preset_reads_the_data_node_when_composed(tmp_path):
     (dict(num_orders=9), "num_orders must be in 1..8"),
     (dict(scan_order="raster", num_orders=2), "num_orders must be in 1..1 for scan_order 'raster'"),
     (dict(state_chain="gru"), "state_chain must be one of"),
+    (dict(block="postnorm"), r"block must be one of \('prenorm', 'paper'\)"),
     (dict(boundary_map="scale"), "unknown model boundary_map 'scale'"),
     (dict(d_sate=16), r"unknown key\(s\) \['d_sate'\]"),
     (dict(width=0), "width must be a positive integer"),

@@ -184,8 +184,8 @@ def test_experiments_compose_and_validate(tmp_path):
             assert (t.batch_size, t.max_steps, t.grad_clip, t.ema_decay, t.ckpt_every) == \
                 (192, 50000, 2.0, 0.9999, 10000)
             assert (o.lr, o.weight_decay, o.warmup_steps, str(o.schedule.value)) == (3e-4, 0.0, 0, "constant")
-            assert (cfg.model.width, cfg.model.depth, cfg.model.d_state, cfg.data.name) == (768, 24, 256,
-                                                                                         "celebahq_latent")
+            assert (cfg.model.width, cfg.model.depth, cfg.model.d_state, cfg.data.name) == (
+                768, 20 if "vim" in name else 24, 256, "celebahq_latent")  # Vim-B/2: depth 20 (Table 1)
 
 
 # ------------------------------------------------------------------------------ the loop

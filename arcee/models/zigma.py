@@ -2,12 +2,23 @@
 
     v = ZigMa(image_size=32, in_channels=4, ...)(x, t, y=None)    # x, v: (b, C, H, W); t: (b,) in [0, 1]
 
-Patchify -> + position embedding -> depth x [pre-RMSNorm, adaLN-Zero modulation, Mamba mixer
+Patchify -> + position embedding -> depth x [RMSNorm, adaLN-Zero modulation, Mamba mixer
 along the block's scan path, gated residual] -> final adaLN + Linear -> unpatchify.
 Block i scans path i % k of the scan order (tokens are gathered into the path before the
 mixer and scattered back after it). With `state_chain="arcee"` block i's terminal SSM state,
 through a parameter-free boundary map, is block i+1's initial state (block 0 starts at zero).
+
+Two backbones around the mixer, chosen by `block` (docs/architecture.md has the differences):
+- "prenorm" (default): r <- r + gate * mixer(modulate(RMSNorm(r))); the final layer reads
+  RMSNorm(r); ZigMa's time (1000 t, [cos, sin]) and position embeddings.
+- "paper": the Arcee authors' code. Block i returns o_i = RMSNorm(r_i) + gate * mixer(...), and
+  the stream block i+1 reads is r_{i+1} = r_i + o_i (mamba's add-then-norm Block), so
+  r_i = embedding + o_0 + ... + o_{i-1}; the final layer reads LayerNorm(o_last) (eps 1e-6, no
+  affine). Also raw-t [sin, cos] time embedding, out_proj Kaiming-uniform / sqrt(depth),
+  base-1000 position embedding with the column first, PyTorch-default patch-embed bias and,
+  when num_classes = 0, one learned unconditional label vector added to the conditioning.
 """
+import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -27,13 +38,18 @@ BOUNDARY_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
     "detach": lambda h: h.detach(),  # ablation: pass the state, not its gradient
 }
 STATE_CHAINS = ("none", "arcee")
+BLOCKS = ("prenorm", "paper")
 
 
 class ZigMaBlock(nn.Module):
-    """x + gate * scatter(Mamba(gather(RMSNorm(x) * (1 + scale) + shift))); (shift, scale, gate) = adaLN(c)."""
+    """skip + gate * scatter(Mamba(gather(RMSNorm(x) * (1 + scale) + shift))); (shift, scale, gate) = adaLN(c).
 
-    def __init__(self, width: int, path: Optional[Tensor], **mixer_kwargs):
+    skip = x (pre-norm residual) or, with normed_skip (the authors' add-then-norm block),
+    skip = RMSNorm(x): the block's output is then added to the stream by the model."""
+
+    def __init__(self, width: int, path: Optional[Tensor], normed_skip: bool = False, **mixer_kwargs):
         super().__init__()
+        self.normed_skip = normed_skip
         self.norm = nn.RMSNorm(width, eps=1e-5)
         self.mixer = Mamba(width, **mixer_kwargs)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
@@ -45,21 +61,23 @@ class ZigMaBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor, h0: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """x: (b, L, width) fp32 residual stream; c: (b, width); h0: mixer state or None."""
         shift, scale, gate = self.adaLN(c)[:, None].chunk(3, dim=-1)
-        h = self.norm(x) * (1 + scale) + shift
+        normed = self.norm(x)
+        h = normed * (1 + scale) + shift
         if self.path is not None:
             h = h[:, self.path]
         h, h_T = self.mixer(h, h0)
         if self.path is not None:
             h = h[:, self.inverse]
-        return x + gate * h, h_T
+        skip = normed.to(x.dtype) if self.normed_skip else x  # keep the stream's dtype (fp32) under autocast
+        return skip + gate * h, h_T
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated RMSNorm + zero-initialised Linear to patch tokens (b, L, p*p*C)."""
+    """adaLN-modulated norm (no affine) + zero-initialised Linear to patch tokens (b, L, p*p*C)."""
 
-    def __init__(self, width: int, patch_size: int, out_channels: int):
+    def __init__(self, width: int, patch_size: int, out_channels: int, norm: Optional[nn.Module] = None):
         super().__init__()
-        self.norm = nn.RMSNorm(width, eps=1e-5, elementwise_affine=False)
+        self.norm = nn.RMSNorm(width, eps=1e-5, elementwise_affine=False) if norm is None else norm
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
         for m in self.adaLN[1], self.linear:
@@ -77,7 +95,8 @@ class ZigMa(nn.Module):
     def __init__(self, image_size: Union[int, Sequence[int]], in_channels: int, patch_size: int = 2,
                  width: int = 768, depth: int = 24, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_rank: Optional[int] = None, scan_order: str = "zigzag", num_orders: int = 8,
-                 bidirectional: bool = False, state_chain: str = "none", boundary_map: str = "identity",
+                 bidirectional: bool = False, block: str = "prenorm", state_chain: str = "none",
+                 boundary_map: str = "identity",
                  num_classes: int = 0, class_dropout: float = 0.1, grad_checkpoint: bool = False,
                  scan_backend: Optional[str] = None):
         super().__init__()
@@ -90,6 +109,8 @@ class ZigMa(nn.Module):
             raise ValueError(f"model image_size {H}x{W} must be divisible by patch_size {patch_size}")
         if not 1 <= d_state <= MAX_D_STATE:
             raise ValueError(f"model d_state must be in 1..{MAX_D_STATE} (the scan's limit), got {d_state}")
+        if block not in BLOCKS:
+            raise ValueError(f"model block must be one of {BLOCKS}, got {block!r}")
         if state_chain not in STATE_CHAINS:
             raise ValueError(f"model state_chain must be one of {STATE_CHAINS}, got {state_chain!r}")
         if boundary_map not in BOUNDARY_MAPS:
@@ -107,24 +128,35 @@ class ZigMa(nn.Module):
                              f"got {num_orders}")
         paths = paths[:num_orders]
         self.num_orders, self.num_classes, self.grad_checkpoint = num_orders, num_classes, grad_checkpoint
+        self.block, paper = block, block == "paper"
         self.chain = state_chain == "arcee"
         self.boundary_map = BOUNDARY_MAPS[boundary_map]
 
-        self.x_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.x_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)  # paper: default bias init
         nn.init.xavier_uniform_(self.x_embed.weight.view(width, -1))
-        nn.init.zeros_(self.x_embed.bias)
-        self.pos_embed = nn.Parameter(sincos_2d(*self.grid, width)[None])  # learnable, sin-cos init
-        self.t_embed = TimestepEmbedder(width)
-        self.y_embed = LabelEmbedder(num_classes, width, class_dropout) if num_classes > 0 else None
+        if not paper:
+            nn.init.zeros_(self.x_embed.bias)
+        pos = (sincos_2d(*self.grid, width, max_period=1000.0, column_first=True, sin_first=True) if paper
+               else sincos_2d(*self.grid, width))
+        self.pos_embed = nn.Parameter(pos[None])  # learnable, sin-cos init
+        self.t_embed = TimestepEmbedder(width, scale=1.0, sin_first=True) if paper else TimestepEmbedder(width)
+        # paper with num_classes = 0: a one-row table, the learned unconditional label
+        self.y_embed = LabelEmbedder(num_classes, width, class_dropout) if num_classes > 0 or paper else None
         # k = 1: permute once for the whole model, the blocks then see tokens in scan order.
         once = num_orders == 1
         self.register_buffer("path", paths[0] if once else None, persistent=False)
         self.register_buffer("inverse", inverse(paths[0]) if once else None, persistent=False)
         mixer = dict(d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank,
                      bidirectional=bidirectional, scan_backend=scan_backend)
-        self.blocks = nn.ModuleList(ZigMaBlock(width, None if once else paths[i % num_orders], **mixer)
+        self.blocks = nn.ModuleList(ZigMaBlock(width, None if once else paths[i % num_orders], paper, **mixer)
                                     for i in range(depth))
-        self.final = FinalLayer(width, patch_size, in_channels)
+        if paper:  # mamba's "rescale prenorm residual": nn.Linear's default init, divided by sqrt(depth)
+            for blk in self.blocks:
+                nn.init.kaiming_uniform_(blk.mixer.out_proj.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    blk.mixer.out_proj.weight.div_(math.sqrt(depth))
+        final_norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False) if paper else None
+        self.final = FinalLayer(width, patch_size, in_channels, final_norm)
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         """x: (b, C, H, W); t: (b,) in [0, 1]; y: (b,) class labels (num_classes = null class) or None.
@@ -140,14 +172,16 @@ class ZigMa(nn.Module):
         state = None  # block 0 starts from zero
         for block in self.blocks:
             if self.grad_checkpoint and torch.is_grad_enabled():
-                h, h_T = checkpoint(block, h, c, state, use_reentrant=False)
+                out, h_T = checkpoint(block, h, c, state, use_reentrant=False)
             else:
-                h, h_T = block(h, c, state)
+                out, h_T = block(h, c, state)
+            h = h + out if block.normed_skip else out  # paper: the stream sums the block outputs
             state = self.boundary_map(h_T) if self.chain else None
 
+        # the final layer reads the last block's output (prenorm: that is the stream itself)
         if self.path is not None:
-            h = h[:, self.inverse]
-        h = self.final(h, c)
+            out = out[:, self.inverse]
+        h = self.final(out, c)
         p, (gh, gw) = self.patch_size, self.grid
         return rearrange(h, "b (h w) (p q c) -> b c (h p) (w q)", h=gh, w=gw, p=p, q=p).to(x.dtype)
 
@@ -162,14 +196,13 @@ class ZigMa(nn.Module):
         t = t.expand(b) if t.dim() == 0 else t
         if t.shape != (b,):
             raise ValueError(f"model input t must have shape (b,) = ({b},), got {tuple(t.shape)}")
-        if self.y_embed is None:
-            if y is not None:
-                raise ValueError("model got class labels y but has num_classes = 0 (unconditional)")
-        elif y is None:
+        if self.num_classes == 0 and y is not None:
+            raise ValueError("model got class labels y but has num_classes = 0 (unconditional)")
+        if self.y_embed is not None and y is None:
             y = torch.full((b,), self.num_classes, dtype=torch.long, device=x.device)  # null class
-        elif y.shape != (b,):
+        elif y is not None and y.shape != (b,):
             raise ValueError(f"model input y must have shape (b,) = ({b},), got {tuple(y.shape)}")
         return t, y
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}, state_chain={'arcee' if self.chain else 'none'}"
+        return f"grid={self.grid}, block={self.block}, state_chain={'arcee' if self.chain else 'none'}"
