@@ -79,11 +79,12 @@ class Transport:
         if t is None:
             t = self.sample_time(b, device=x1.device, generator=generator).to(tdtype)
         else:
-            t = torch.as_tensor(t, dtype=tdtype, device=x1.device)
+            t = torch.as_tensor(t, dtype=tdtype)  # checked where it lives: a CPU t costs no device sync
             if t.shape != (b,):
                 raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
             if not bool(((t >= 0) & (t <= 1)).all()):
                 raise ValueError(f"t must lie in [0, 1], got values in [{t.min().item()}, {t.max().item()}]")
+            t = t.to(x1.device, non_blocking=True)
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         elif x0.shape != x1.shape:

@@ -1,27 +1,107 @@
 """Self-describing generator weights: save/load `.safetensors` exports and checkpoint folders.
 
 An export is one `.safetensors` file whose metadata holds the full resolved config as YAML
-(key "config") and the training step (key "step"). A training checkpoint folder holds
-`config.yaml`, `ema.safetensors` and accelerate's `model.safetensors`.
+(key "config"), the training step (key "step") and a sha256 of its content (key "sha256", see
+`content_sha256`). A training checkpoint folder holds `config.yaml`, `ema.safetensors` and
+accelerate's `model.safetensors`, and `SHA256SUMS` (`sha256sum -c` format) with the hash of
+every file. Loading verifies the hashes and names a damaged file (`DamagedFileError`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
+import torch
 from safetensors.torch import load_file, save_file
 
-from arcee.io import atomic_path
+from arcee.io import atomic_path, atomic_write_text
+
+log = logging.getLogger("arcee.sample")
 
 # wrappers that prefix parameter names: torch.compile, DDP / DataParallel
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+CHECKSUMS = "SHA256SUMS"  # in every checkpoint folder: "<sha256>  <file>" lines, written last
+HASH_KEY = "sha256"  # export metadata key: content_sha256 of the file's tensors and other metadata
+
+
+class DamagedFileError(ValueError):
+    """A checkpoint file or export whose content differs from the hash recorded when it was written,
+    or that is missing or unreadable."""
+
+
+def sha256_file(path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder) -> Path:
+    """Hash every file under `folder` into `folder/SHA256SUMS` (atomic, fsynced); returns its path.
+
+    `cd folder && sha256sum -c SHA256SUMS` checks it without arcee.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    path = folder / CHECKSUMS
+    atomic_write_text(path, "".join(lines))
+    return path
+
+
+def verify_checksums(folder, names=None) -> None:
+    """Check files of a checkpoint folder against its SHA256SUMS; names: only these (default: all listed).
+
+    Raises DamagedFileError naming the first file that is missing or differs, or the folder when
+    SHA256SUMS itself is missing or unreadable.
+    """
+    folder = Path(folder)
+    listing = folder / CHECKSUMS
+    if not listing.is_file():
+        raise DamagedFileError(f"checkpoint {folder} has no {CHECKSUMS}: an incomplete folder, or not written by "
+                               "arcee.train; its files cannot be verified")
+    recorded = {}
+    try:
+        for line in listing.read_text(encoding="utf-8").splitlines():
+            digest, name = line.split("  ", 1)
+            if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                raise ValueError(line)
+            recorded[name] = digest
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DamagedFileError(f"checkpoint file {listing} is damaged (unreadable line {str(e)[:40]!r})") from None
+    for name in recorded if names is None else names:
+        path = folder / name
+        if name not in recorded:
+            raise DamagedFileError(f"checkpoint file {path} is not listed in {listing}: cannot verify it")
+        if not path.is_file():
+            raise DamagedFileError(f"checkpoint file {path} is missing (listed in {CHECKSUMS})")
+        if sha256_file(path) != recorded[name]:
+            raise DamagedFileError(f"checkpoint file {path} is damaged: its sha256 differs from the one recorded in "
+                                   f"{CHECKSUMS} when it was written ({path.stat().st_size} bytes now)")
+
+
+def content_sha256(tensors: dict, metadata: dict) -> str:
+    """sha256 of an export's content: its metadata (except "sha256") and every tensor's name, dtype,
+    shape and bytes, in name order. Independent of how safetensors lays the file out."""
+    h = hashlib.sha256()
+    head = {"metadata": {k: v for k, v in metadata.items() if k != HASH_KEY},
+            "tensors": {k: [str(v.dtype), list(v.shape)] for k, v in tensors.items()}}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for k in sorted(tensors):
+        h.update(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def save_generator(path: str | os.PathLike, state_dict: dict, cfg, step: int) -> None:
-    """Write `state_dict` to `path` (.safetensors) with `cfg` (YAML) and `step` in its metadata.
+    """Write `state_dict` to `path` (.safetensors) with `cfg` (YAML), `step` and the content's
+    sha256 (`content_sha256`, checked by `load_generator`) in its metadata.
 
     Atomic: written to a temporary file in the same folder, then `os.replace`d.
     """
@@ -31,15 +111,18 @@ def save_generator(path: str | os.PathLike, state_dict: dict, cfg, step: int) ->
     cfg_yaml = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True)
     # safetensors refuses shared storage (tied weights): give each tensor its own copy
     tensors = {_strip(k): v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+    metadata = {"config": cfg_yaml, "step": str(int(step))}
+    metadata[HASH_KEY] = content_sha256(tensors, metadata)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"config": cfg_yaml, "step": str(int(step))})
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_generator(path: str | os.PathLike, use_ema: bool = True, device=None):
     """Build the model described by a checkpoint folder or an exported `.safetensors` file.
 
     Returns `(model, cfg)`: the model in eval mode (on `device`, default CPU) and the full
-    resolved config (DictConfig with `model`, `data`, `flow` nodes).
+    resolved config (DictConfig with `model`, `data`, `flow` nodes). The files read are verified
+    first (a checkpoint's SHA256SUMS, an export's "sha256"): DamagedFileError names a damaged one.
     """
     from arcee.models import build_model
 
@@ -48,7 +131,7 @@ def load_generator(path: str | os.PathLike, use_ema: bool = True, device=None):
         if node not in cfg:
             raise ValueError(f"load_generator: config of {path} has no '{node}' node (found: {list(cfg.keys())})")
     model = build_model(cfg.model)
-    state = {_strip(k): v for k, v in load_file(str(weights)).items()}
+    state = {_strip(k): v for k, v in _load_file(weights).items()}
     _check_state(model.state_dict(), state, weights)
     model.load_state_dict(state)
     return model.to(device or "cpu").eval(), cfg
@@ -75,7 +158,7 @@ def _strip(key: str) -> str:
 
 
 def _resolve(path: Path, use_ema: bool):
-    """-> (weights file, cfg) for a checkpoint folder or an export."""
+    """-> (weights file, cfg) for a checkpoint folder or an export, both verified against their hashes."""
     if not path.exists():
         raise FileNotFoundError(f"ckpt: {path} does not exist (expected a checkpoint folder or a .safetensors export)")
     if path.is_dir():
@@ -84,6 +167,11 @@ def _resolve(path: Path, use_ema: bool):
             raise FileNotFoundError(
                 f"ckpt: checkpoint folder {path} has no {weights.name}"
                 + ("" if use_ema else " (accelerate's save_state with safe_serialization)"))
+        if (path / CHECKSUMS).is_file():
+            verify_checksums(path, [p.name for p in (weights, path / "config.yaml") if p.exists()])
+        else:
+            log.warning("ckpt: %s has no %s (written before checkpoints carried hashes): not verified", path,
+                        CHECKSUMS)
         if (path / "config.yaml").is_file():
             return weights, OmegaConf.load(path / "config.yaml")
         meta = _metadata(weights)
@@ -95,7 +183,34 @@ def _resolve(path: Path, use_ema: bool):
     meta = _metadata(path)
     if "config" not in meta:
         raise ValueError(f"ckpt: {path} has no 'config' metadata key; export it with arcee.sample.save_generator")
+    verify_export(path)
     return path, OmegaConf.create(meta["config"])
+
+
+def verify_export(path) -> None:
+    """Check an export's tensors and metadata against the "sha256" in its metadata (`content_sha256`).
+
+    Raises DamagedFileError when they differ or the file cannot be read; an export without the
+    key (written before exports carried it, or by another tool) is loaded with a warning.
+    """
+    path = Path(path)
+    meta = _metadata(path)
+    if HASH_KEY not in meta:
+        log.warning("ckpt: %s has no %r metadata (not written by this version of save_generator): not verified",
+                    path, HASH_KEY)
+        return
+    if content_sha256(_load_file(path), meta) != meta[HASH_KEY]:
+        raise DamagedFileError(f"export {path} is damaged: the sha256 of its tensors and metadata differs from the "
+                               "one recorded when it was written; export it again (or use a checkpoint's "
+                               "ema.safetensors)")
+
+
+def _load_file(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a damaged header or a truncated file
+        raise DamagedFileError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _metadata(path: Path) -> dict:
@@ -103,7 +218,7 @@ def _metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types on bad headers
-        raise ValueError(f"ckpt: {path} is not a readable safetensors file: {e}") from e
+        raise DamagedFileError(f"ckpt: {path} is damaged or not a safetensors file: {e}") from None
 
 
 def _check_state(expected: dict, found: dict, source: Path) -> None:

@@ -9,10 +9,15 @@ micro-batch m of rank r takes entries
 
 so the samples of a step, and the cursor, do not depend on the number of processes: a run
 checkpointed on N processes continues exactly (mid-epoch) on M.
+
+`SeededSamples` makes every random draw of a training sample (the dataset's flip and latent
+posterior sample, the flow's noise x0 and time t, the VAE's posterior sample) a function of
+(seed, the sample's stream position) alone, so they do not depend on the process count either.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -41,17 +46,18 @@ class ResumableBatchSampler:
     """Infinite batch sampler for `torch.utils.data.DataLoader(batch_sampler=...)`.
 
     Yields this rank's micro-batches (lists of `global_batch // (grad_accum * world)` indices),
-    `grad_accum` per optimizer step, starting at global stream position `cursor`.
+    `grad_accum` per optimizer step, starting at global stream position `cursor`. With
+    `positions=True` each entry is `(stream position, index)` (for `SeededSamples`).
     """
 
     def __init__(self, n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int,
-                 cursor: int = 0):
+                 cursor: int = 0, positions: bool = False):
         if n < 1:
             raise ValueError(f"dataset is empty (n={n})")
         if global_batch % (grad_accum * world):
             raise ValueError(f"global batch {global_batch} not divisible by grad_accum * world = {grad_accum * world}")
         self.n, self.global_batch, self.grad_accum = n, global_batch, grad_accum
-        self.rank, self.world, self.seed, self.cursor = rank, world, seed, cursor
+        self.rank, self.world, self.seed, self.cursor, self.positions = rank, world, seed, cursor, positions
         self.micro = global_batch // grad_accum  # one micro-batch over all ranks
         self.local = self.micro // world
 
@@ -60,5 +66,42 @@ class ResumableBatchSampler:
         while True:
             for m in range(self.grad_accum):
                 start = pos + m * self.micro + self.rank * self.local
-                yield stream_slice(self.n, self.seed, start, self.local, cache)
+                indices = stream_slice(self.n, self.seed, start, self.local, cache)
+                yield list(enumerate(indices, start)) if self.positions else indices
             pos += self.global_batch
+
+
+def sample_seed(seed: int, stream: int, position: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, stream, position)."""
+    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset[(position, index)] -> (x, y, draws)`: record `index` of `dataset`, drawn as the
+    training sample at stream `position` (from `ResumableBatchSampler(..., positions=True)`).
+
+    The dataset's own random draws (torch's global RNG: flips, latent posterior samples) run
+    under a seed of (seed, 0, position); `draws` holds the sample's noise from a generator seeded
+    by (seed, 1, position): `t` () from `time_fn(1, generator=g)`, `x0` of `noise_shape` (default:
+    the shape of x), and `eps` of `noise_shape` for an on-the-fly VAE posterior sample when
+    `vae_eps`. Drawn on the CPU: the same numbers on every device and process count.
+    """
+
+    def __init__(self, dataset, seed: int, time_fn, noise_shape=None, vae_eps: bool = False):
+        self.dataset, self.seed, self.time_fn = dataset, seed, time_fn
+        self.noise_shape, self.vae_eps = (tuple(noise_shape) if noise_shape else None), vae_eps
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        position, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, 0, position))
+            x, y = self.dataset[index]
+        g = torch.Generator().manual_seed(sample_seed(self.seed, 1, position))
+        shape = self.noise_shape or tuple(x.shape)
+        draws = {"t": self.time_fn(1, generator=g)[0], "x0": torch.randn(shape, generator=g)}
+        if self.vae_eps:
+            draws["eps"] = torch.randn(shape, generator=g)
+        return x, y, draws

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import signal
 import socket
@@ -32,14 +33,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from arcee.data import build_dataset, load_vae
-from arcee.flow import build_transport
+from arcee.flow import SAMPLERS, build_transport
 from arcee.models import build_model
 
-from .checkpoint import (clean_stale, ckpt_name, latest_checkpoint, list_checkpoints, load_arcee_state, prune,
-                         save_checkpoint)
+from .checkpoint import (clean_stale, ckpt_name, list_checkpoints, load_arcee_state, lock_run_dir, newest_intact,
+                         prune, save_checkpoint, unlock_run_dir)
 from .ema import EMA
-from .logger import RunLogger
-from .sampler import ResumableBatchSampler
+from .logger import METRICS, WANDB_ID, RunLogger
+from .sampler import ResumableBatchSampler, SeededSamples
 from .schema import check_config
 
 log = logging.getLogger("arcee.train")
@@ -93,42 +94,49 @@ def run(cfg, run_dir=None) -> dict:
     check_config(cfg, world)
     vae, cfg = _latent_view(cfg, device)  # model-facing config (latent shapes when encode_latents)
     transport = build_transport(cfg.flow)
+    _check_late_keys(cfg)
     dataset = build_dataset(cfg.data if vae is None else cfg.train_data, split="train")
     _seed_everything(cfg.seed)  # identical init on every rank
     model = build_model(cfg.model)
     _check_shapes(cfg, dataset, vae)
-    resume_from = _resolve_resume(str(tc.resume), run_dir)
-    state = load_arcee_state(resume_from) if resume_from else None
-    if state is not None:
-        _check_compatible(cfg, resume_from)
-    _check_run_dir(run_dir, resume_from, str(tc.resume))
-    accelerator.wait_for_everyone()  # every rank has checked before the main process writes
-
-    # ---------------------------------------------------------------- run folder, logging
-    ckpt_dir = run_dir / "checkpoints"
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        for p in clean_stale(ckpt_dir):
-            log.warning("removed the leftover of an interrupted checkpoint write: %s", p)
+    evaluator = _evaluator(cfg, device) if tc.fid_every else None  # extractor and reference folder, now
     accelerator.wait_for_everyone()
-    if device.type == "cuda":  # the paper trains in fp32 with TF32 matmuls
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    logger = RunLogger(run_dir, cfg, enabled=main)
-    stopper = _StopFlag(world)
+
+    # ---------------------------------------------------------------- the run folder: lock, resume, restart
+    lock = lock_run_dir(accelerator, run_dir)  # one writer per run folder, for the life of the run
     try:
-        return _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, state, resume_from,
-                      logger, stopper)
-    except BaseException:
-        logger.close(exit_code=1)
-        raise
+        resume_from, state = _pick_resume(accelerator, str(tc.resume), run_dir)
+        if state is not None:
+            _check_compatible(cfg, resume_from)
+        restart = _check_run_dir(run_dir, resume_from, str(tc.resume))
+        accelerator.wait_for_everyone()  # every rank has checked before the main process writes
+        ckpt_dir = run_dir / "checkpoints"
+        if main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            for p in clean_stale(ckpt_dir):
+                log.warning("removed the leftover of an interrupted checkpoint write: %s", p)
+            restart = _set_aside_attempt(run_dir) if restart else None
+        accelerator.wait_for_everyone()
+        if device.type == "cuda":  # the paper trains in fp32 with TF32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        logger = RunLogger(run_dir, cfg, enabled=main)
+        stopper = _StopFlag(world)
+        try:
+            return _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, state, resume_from,
+                          logger, stopper, evaluator=evaluator, restarted=restart)
+        except BaseException:
+            logger.close(exit_code=1)
+            raise
+        finally:
+            stopper.restore()
     finally:
-        stopper.restore()
+        unlock_run_dir(lock)
 
 
 def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, state, resume_from, logger,
-           stopper) -> dict:
+           stopper, evaluator=None, restarted=None) -> dict:
     tc = cfg.train
     rank, world, main, device = (accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process, accelerator.device)
@@ -155,9 +163,14 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
     fwd = torch.compile(model) if tc.compile else model
 
     # ---------------------------------------------------------------- data
-    sampler = ResumableBatchSampler(len(dataset), tc.batch_size, tc.grad_accum, rank, world, cfg.seed, cursor)
+    # every random draw of a sample (flip, latent posterior, x0, t, VAE posterior) is a function of
+    # (seed, its stream position): the same whatever the number of processes
+    sampler = ResumableBatchSampler(len(dataset), tc.batch_size, tc.grad_accum, rank, world, cfg.seed, cursor,
+                                    positions=True)
+    latent_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size) if vae is not None else None
+    samples = SeededSamples(dataset, cfg.seed, transport.sample_time, latent_shape, vae_eps=vae is not None)
     workers = int(cfg.data.get("num_workers", 0) or 0)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+    loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(_derive_seed(cfg.seed, cursor, rank)))
     batches = iter(loader)  # the loader has its own generator: the global RNG stream stays untouched
@@ -173,6 +186,8 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
     if state is not None:
         start.update(checkpoint=str(resume_from), rng=rng_note)
         log.info("resumed from %s at step %d (data cursor %d); RNG %s", resume_from, step, cursor, rng_note)
+    if restarted:
+        start["restarted"] = restarted  # the earlier attempt's metrics file (it ended before a checkpoint)
     logger.log(start, step=step)
 
     # ---------------------------------------------------------------- the loop
@@ -194,18 +209,21 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
     clip = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is measured, grads scaled by 1
     check_gnorm = _enum(tc.mixed_precision) != "fp16"  # fp16: inf norms are the grad scaler's business
     bar = tqdm(total=tc.max_steps, initial=step, disable=not main, desc=cfg.name, dynamic_ncols=True)
-    stopped, evaluator = False, None
+    stopped = False
     while step < tc.max_steps:
         for micro in range(tc.grad_accum):
-            x, y = next(batches)
+            x, y, draws = next(batches)
             x = x.to(device, non_blocking=True)
-            if vae is not None:
+            if vae is not None:  # a posterior sample with this sample's own eps
                 with torch.no_grad():
-                    x = vae.encode(x).latent_dist.sample() * latent_scale
+                    dist = vae.encode(x).latent_dist
+                    x = (dist.mean + dist.std * draws["eps"].to(device, dist.mean.dtype, non_blocking=True)) \
+                        * latent_scale
+            x0 = draws["x0"].to(device, x.dtype, non_blocking=True)
             kwargs = {"y": y.to(device, non_blocking=True)} if conditional else {}
             sync = micro == tc.grad_accum - 1  # all-reduce gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = transport.training_loss(fwd, x, kwargs).mean()
+                loss = transport.training_loss(fwd, x, kwargs, x0=x0, t=draws["t"]).mean()
                 accelerator.backward(loss / tc.grad_accum)
             loss_acc += loss.detach()
         gnorm_acc += accelerator.clip_grad_norm_(model.parameters(), clip)  # clip BEFORE the step
@@ -325,23 +343,55 @@ def _agree_run_dir(accelerator, run_dir: Path) -> Path:
     return agreed
 
 
-def _resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """train.resume -> a checkpoint folder (or None for a fresh start)."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir / "checkpoints")
-    p = Path(resume).expanduser().absolute()
-    if (p / "checkpoints").is_dir():  # a run folder: its latest complete checkpoint
-        found = latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"train.resume={resume!r}: run folder has no complete checkpoint")
-        return found
-    return p  # validated by load_arcee_state
+def _pick_resume(accelerator, resume: str, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """train.resume -> (checkpoint folder, its state), or (None, None) for a start from step 0.
+
+    The main process verifies every file of the checkpoint against its hashes; with `auto` (or this
+    run's own folder) damaged newer checkpoints are skipped and moved aside (under the run lock).
+    The other ranks load the state of the checkpoint it chose.
+    """
+    picked = {}
+
+    def pick():
+        if resume == "none":
+            return None
+        p = run_dir if resume == "auto" else Path(resume).expanduser().absolute()
+        if resume == "auto" or (p / "checkpoints").is_dir():  # a run folder: its newest intact checkpoint
+            own = p == run_dir
+            folder, picked["state"] = newest_intact(p / "checkpoints", move_damaged=own and accelerator.is_main_process)
+            if folder is None and not own:
+                raise FileNotFoundError(f"train.resume={resume!r}: run folder has no intact checkpoint")
+            return folder
+        picked["state"] = load_arcee_state(p, verify=True)  # an explicit checkpoint: damaged is an error
+        return p
+
+    folder = _main_then_broadcast(accelerator, pick)
+    if folder is None:
+        return None, None
+    return folder, picked.get("state") or load_arcee_state(folder)
 
 
-def _check_run_dir(run_dir: Path, resume_from: Path | None, resume: str) -> None:
-    """Never overwrite: a run folder with outputs is only reused to resume from its own checkpoint."""
+def _main_then_broadcast(accelerator, fn):
+    """fn() on the main process only; every rank returns its result or raises its exception."""
+    out = None
+    if accelerator.is_main_process:
+        try:
+            out = (True, fn())
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank
+            out = (False, e)
+    if accelerator.num_processes > 1:
+        out = broadcast_object_list([out])[0]
+    if not out[0]:
+        raise out[1]
+    return out[1]
+
+
+def _check_run_dir(run_dir: Path, resume_from: Path | None, resume: str) -> bool:
+    """Never overwrite: a run folder with outputs is only reused to resume from its own checkpoint.
+
+    Returns True when `resume=auto` finds outputs but no intact checkpoint and no final export: an
+    attempt that ended before its first checkpoint, which starts again from step 0.
+    """
     own = resume_from is not None and resume_from.parent == run_dir / "checkpoints"
     found = [a for a in ARTIFACTS if (run_dir / a).exists() and not (a in ("checkpoints", "samples") and
                                                                      (run_dir / a).is_dir() and
@@ -353,10 +403,48 @@ def _check_run_dir(run_dir: Path, resume_from: Path | None, resume: str) -> None
                 f"train.resume={resume_from} is not the latest checkpoint of its run folder (newer: {newer}); "
                 "continuing from it would overwrite them. Copy it into a new run folder and resume from there.")
     if found and not own:
+        if resume == "auto" and resume_from is None and EXPORT not in found:
+            return True
+        if resume == "auto" and resume_from is None:
+            raise FileExistsError(
+                f"run folder {run_dir} holds a finished run ({EXPORT}) but no intact checkpoint to continue; "
+                "refusing to overwrite it. Use a new hydra.run.dir.")
         raise FileExistsError(
             f"run folder {run_dir} already holds {found} and train.resume={resume} does not continue one of "
             f"its checkpoints; refusing to overwrite. Use a new hydra.run.dir, or "
             f"train.resume=auto to continue it (needs a complete checkpoint in {run_dir / 'checkpoints'}).")
+    return False
+
+
+def _set_aside_attempt(run_dir: Path) -> str | None:
+    """Rename an attempt's metrics.jsonl (and wandb id) to metrics.aborted_<k>.jsonl: main process.
+
+    Returns the new name of the metrics file (None when there was none).
+    """
+    k = 1
+    while any(run_dir.glob(f"*.aborted_{k}.*")):
+        k += 1
+    moved = None
+    for name in (METRICS, WANDB_ID):
+        if (run_dir / name).exists():
+            stem, ext = name.rsplit(".", 1)
+            os.rename(run_dir / name, run_dir / f"{stem}.aborted_{k}.{ext}")
+            moved = moved or f"{stem}.aborted_{k}.{ext}"
+    log.warning("run folder %s holds no intact checkpoint yet: starting again from step 0 (the earlier attempt's "
+                "log is kept as %s; its sample grids are replaced as this run reaches them)", run_dir, moved)
+    return moved
+
+
+def _check_late_keys(cfg) -> None:
+    """Keys first used after step 0 (sample grids), checked before it; FID's are checked by building
+    its evaluator."""
+    t = cfg.train
+    if t.sample_sampler is not None and t.sample_sampler not in SAMPLERS:
+        raise ValueError(f"config: train.sample_sampler must be one of {list(SAMPLERS)} or null (the flow node's), "
+                         f"got {t.sample_sampler!r}")
+    if t.sample_steps is not None and (isinstance(t.sample_steps, bool) or t.sample_steps < 1):
+        raise ValueError(f"config: train.sample_steps must be an integer >= 1 or null (the flow node's), got "
+                         f"{t.sample_steps!r}")
 
 
 def _check_compatible(cfg, resume_from: Path) -> None:
