@@ -5,7 +5,8 @@
     real-samples OUT_DIR REAL_DIR [--split all|train|val --val-fraction F]
     encode-latents OUT_DIR LATENT_DIR [--vae stabilityai/sd-vae-ft-ema] [--flip-copy]
 
-Exit status: 0 ok, 1 verification found problems, 2 bad input (the message says what and where).
+Exit status: 0 ok, 1 verification found problems, 2 bad input or damaged data (one line saying what
+and where; --debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import sys
 import warnings
 
-from arcee.data.shards import ShardError
+from arcee.errors import run_main
 
 
 def _build(a) -> int:
@@ -106,17 +107,14 @@ def parser() -> argparse.ArgumentParser:
 
     for sp in (b, v, r, e):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
-    try:
-        return a.fn(a)
-    except (ValueError, OSError, ShardError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(a.fn, a, debug=a.debug, hint="--debug")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,11 @@ class ShardedLMDBDataset(Dataset):
             raise ValueError(f"data.channels={channels} but {str(self.root)!r} holds {c}-channel records")
         self.shape = (c, h, w)
         self.shard_names = [s["name"] for s in m["shards"]]
-        for name in self.shard_names:
+        self.shard_bytes = [s.get("data_mdb_bytes") for s in m["shards"]]
+        for s, name in enumerate(self.shard_names):
             if not (self.root / name / "data.mdb").is_file():
                 raise ShardError(f"shard {str(self.root / name)!r} listed in manifest.json is missing")
+            self._open(s)  # now, not in a DataLoader worker: a truncated shard fails here with its name
         self.counts = np.array([s["count"] for s in m["shards"]], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         # numpy arrays, not lists of Python objects: forked workers then share them without copies
@@ -107,13 +109,20 @@ class ShardedLMDBDataset(Dataset):
         env = self._envs.get(s)
         if env is None:
             path = self.root / self.shard_names[s]
-            env = open_env(path)
+            env = self._open(s)
             with env.begin() as txn:
                 problem = shard_header_problem(txn, int(self.counts[s]), self.manifest)
             if problem:
                 raise ShardError(f"shard {str(path)!r} {problem}")
             self._envs[s] = env
         return env
+
+    def _open(self, s: int) -> lmdb.Environment:
+        """Shard ``s`` via ``open_env`` (size checks against its header and the manifest)."""
+        try:
+            return open_env(self.root / self.shard_names[s], self.shard_bytes[s])
+        except ShardError as e:
+            raise ShardError(f"{e}; run `python -m data_prep verify {self.root}`") from None
 
     def locate(self, i: int) -> tuple[int, int]:
         """Dataset index -> (shard, local key)."""

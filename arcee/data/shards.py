@@ -2,7 +2,8 @@
 
 A dataset folder::
 
-    manifest.json              written last: the dataset is complete once it exists
+    manifest.json              written last: the dataset is complete once it exists; per shard its
+                               records and ``data_mdb_bytes`` (checked before mapping: see open_env)
     shard_0000.lmdb/data.mdb   keys b"0" .. b"{n-1}" (local to the shard), b"__len__", b"__metadata__"
     shard_0000.lmdb/index.json the shard's records (source names, labels, sha256 of each value)
     ...
@@ -14,8 +15,8 @@ Global record ``i`` lives in the shard whose cumulative count range holds ``i``.
 Guarantees: a shard directory appears only when complete (written as ``*.lmdb.tmp``, then
 renamed); re-running a build skips finished shards; the same sources and settings give
 byte-identical ``data.mdb``, ``index.json`` and ``manifest.json`` files on the same platform
-(LMDB's file layout depends on the OS page size and the liblmdb version; the records and the
-manifest do not). Determinism comes from a sorted source order, records committed in fixed
+(LMDB's file layout depends on the OS page size and the liblmdb version, and so does the file size
+the manifest records; the records do not). Determinism comes from a sorted source order, records committed in fixed
 groups of ``TXN_RECORDS`` in that order, a map size that depends only on the plan, and LMDB's
 zero-filling of unused page space (``meminit``).
 """
@@ -38,6 +39,7 @@ from filelock import FileLock
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from arcee.errors import UserError
 from arcee.io import atomic_write_bytes
 
 MANIFEST = "manifest.json"
@@ -49,7 +51,7 @@ PIXEL_FORMATS = ("raw", "png", "jpeg")
 RESIZE = "shorter side to size (PIL bicubic, antialiased), center crop; alpha over white"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError):
     """A shard is missing, unreadable or disagrees with its manifest."""
 
 
@@ -90,20 +92,30 @@ def read_manifest(root: str | os.PathLike) -> dict:
     return m
 
 
-_OPEN: dict[str, tuple[tuple[int, int], lmdb.Environment]] = {}
+_OPEN: dict[str, tuple[tuple[int, int], lmdb.Environment, int]] = {}
 _OPEN_PID = os.getpid()
 
 
-def open_env(path: str | os.PathLike) -> lmdb.Environment:
+def _truncated(path, size: int, need: int, by: str) -> ShardError:
+    return ShardError(f"shard {str(path)!r} is truncated: data.mdb has {size} bytes but {by} {need} "
+                      f"(a damaged or partial copy; reading it would crash the process with SIGBUS)")
+
+
+def open_env(path: str | os.PathLike, expected_bytes: int | None = None) -> lmdb.Environment:
     """Shard ``path`` opened read-only without a lock file, once per process.
 
     py-lmdb refuses to open the same files twice in one process, so every dataset and check in
     a process shares one handle per shard. A forked child closes the handles it inherited (a
     parent's LMDB handle must not be used after fork) and opens its own.
+
+    Every call checks the size of ``data.mdb`` (raising ``ShardError``) against the pages its
+    LMDB header says are in use and against ``expected_bytes`` (the manifest's
+    ``data_mdb_bytes``, recorded at build time): a truncated file is memory-mapped beyond its
+    end, and reading there kills the process with SIGBUS instead of raising.
     """
     global _OPEN_PID
     if _OPEN_PID != os.getpid():
-        for _, env in _OPEN.values():
+        for _, env, _ in _OPEN.values():
             try:
                 env.close()
             except lmdb.Error:
@@ -115,16 +127,21 @@ def open_env(path: str | os.PathLike) -> lmdb.Environment:
         st = data.stat()
     except OSError:
         raise ShardError(f"shard {str(path)!r} is missing (no data.mdb)") from None
+    if expected_bytes is not None and st.st_size < expected_bytes:
+        raise _truncated(path, st.st_size, expected_bytes, "manifest.json recorded")
     key, ident = os.path.realpath(path), (st.st_dev, st.st_ino)
-    if key in _OPEN:
-        if _OPEN[key][0] == ident:
-            return _OPEN[key][1]
+    if key in _OPEN and _OPEN[key][0] != ident:
         _OPEN.pop(key)[1].close()  # the shard was rebuilt since: drop the stale handle
-    try:
-        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=1)
-    except lmdb.Error as e:
-        raise ShardError(f"cannot open shard {str(path)!r}: {e}") from e
-    _OPEN[key] = (ident, env)
+    if key not in _OPEN:
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=1)
+        except lmdb.Error as e:
+            raise ShardError(f"cannot open shard {str(path)!r}: {e}") from e
+        # the header (meta pages, read with pread by lmdb.open) names the last page in use
+        _OPEN[key] = (ident, env, (env.info()["last_pgno"] + 1) * env.stat()["psize"])
+    _, env, need = _OPEN[key]
+    if st.st_size < need:
+        raise _truncated(path, st.st_size, need, "its LMDB header says the pages in use take")
     return env
 
 
@@ -344,7 +361,8 @@ def run_build(out: Path, plan: dict, num_shards: int, shard_records: Callable[[i
                 bar.update(sizes[s] if sizes else 0)
             else:
                 index = write_shard(final, shard_records(s), header["shard_metadata"], map_size, strict, bar)
-            shards.append({"name": final.name, "count": len(index["sources"]), **index})
+            shards.append({"name": final.name, "count": len(index["sources"]), **index,
+                           "data_mdb_bytes": (final / "data.mdb").stat().st_size})
         bar.close()
         skipped = [k for s in shards for k in s.pop("skipped")]
         count = sum(s["count"] for s in shards)
@@ -422,7 +440,8 @@ def build_shards(sources: Sequence[tuple[str, int, str | np.ndarray]], out_dir: 
 
 
 def verify_shards(root: str | os.PathLike, progress: bool = True) -> list[str]:
-    """Re-read every record: present, checksum, decode, shape. Returns the problems found (empty = ok)."""
+    """Re-read every record: present, checksum, decode, shape. Returns the problems found (empty = ok),
+    one per damaged record (plus one per shard whose file or header is bad)."""
     root = Path(root)
     m = read_manifest(root)
     problems = []
@@ -430,38 +449,45 @@ def verify_shards(root: str | os.PathLike, progress: bool = True) -> list[str]:
     for s in m["shards"]:
         where = f"{s['name']}"
         try:
-            env = open_env(root / s["name"])
-        except ShardError as e:
+            env = open_env(root / s["name"], s.get("data_mdb_bytes"))
+            with env.begin(buffers=True) as txn:
+                header = shard_header_problem(txn, s["count"], m)
+            entries = env.stat()["entries"]
+        except (ShardError, lmdb.Error) as e:
             problems.append(f"{where}: {e} ({s['count']} records lost)")
             bar.update(s["count"])
             continue
-        try:
-            with env.begin(buffers=True) as txn:
-                header = shard_header_problem(txn, s["count"], m)
-                if header:
-                    problems.append(f"{where}: {header}")
-                extra = env.stat()["entries"] - s["count"] - 2
-                if extra:
-                    problems.append(f"{where}: {extra:+d} keys compared with the manifest's {s['count']} records")
-                for k in range(s["count"]):
-                    key = f"key '{k}' (source {s['sources'][k]!r})"
-                    try:
-                        buf = txn.get(str(k).encode())
-                    except lmdb.Error as e:
-                        problems.append(f"{where} {key}: unreadable: {e}")
-                        continue
-                    finally:
-                        bar.update(1)
-                    if buf is None:
-                        problems.append(f"{where} {key}: missing")
-                    elif sha256(buf) != s["sha256"][k]:
-                        problems.append(f"{where} {key}: checksum mismatch (stored bytes changed)")
-                    else:
-                        try:
-                            decode_value(buf, m)
-                        except Exception as e:
-                            problems.append(f"{where} {key}: does not decode: {e}")
-        except lmdb.Error as e:
-            problems.append(f"{where}: corrupt LMDB: {e}")
+        if header:
+            problems.append(f"{where}: {header}")
+        if entries - s["count"] - 2:
+            problems.append(f"{where}: {entries - s['count'] - 2:+d} keys compared with the manifest's "
+                            f"{s['count']} records")
+        for k in range(s["count"]):
+            bar.update(1)
+            problem = _record_problem(env, k, s["sha256"][k], m)
+            if problem:
+                problems.append(f"{where} key '{k}' (source {s['sources'][k]!r}): {problem}")
     bar.close()
     return problems
+
+
+def _record_problem(env: lmdb.Environment, k: int, digest: str, manifest: dict) -> str | None:
+    """What is wrong with record ``k`` (missing, unreadable, checksum, decode), or None.
+
+    Each record is read in its own transaction: LMDB marks a transaction that met a corrupt page
+    as failed (every later get gives MDB_BAD_TXN), which would report every following record.
+    """
+    try:
+        with env.begin() as txn:
+            buf = txn.get(str(k).encode())
+    except lmdb.Error as e:
+        return f"unreadable: {e}"
+    if buf is None:
+        return "missing"
+    if sha256(buf) != digest:
+        return "checksum mismatch (stored bytes changed)"
+    try:
+        decode_value(buf, manifest)
+    except Exception as e:  # any decoder failure is a finding about this record
+        return f"does not decode: {e}"
+    return None

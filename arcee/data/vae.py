@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arcee.errors import UserError
+
 from .dataset import ShardedLMDBDataset
 from .shards import _map_size, read_manifest, run_build, sha256
 
@@ -23,7 +25,7 @@ LATENT_SCALE = 0.18215
 def load_vae(name_or_path: str = DEFAULT_VAE, device=None, dtype=torch.float32, local_files_only: bool = False):
     """``AutoencoderKL`` from a Hub name (cached under ``HF_HOME``) or a local folder, eval mode, frozen.
 
-    Raises ``RuntimeError`` saying how to pre-download when the weights cannot be fetched.
+    Raises ``UserError`` (a ``RuntimeError``) saying how to pre-download when the weights cannot be fetched.
     """
     try:
         from diffusers import AutoencoderKL
@@ -39,7 +41,7 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device=None, dtype=torch.float32, 
         try:
             vae = AutoencoderKL.from_pretrained(str(name_or_path), local_files_only=local_files_only)
         except Exception as e:
-            raise RuntimeError(
+            raise UserError(
                 f"cannot load the VAE {name_or_path!r} ({type(e).__name__}: {e}). Without internet access, "
                 f"download it on a connected machine first: `hf download {name_or_path}` (or "
                 f"`python -c \"from diffusers import AutoencoderKL; AutoencoderKL.from_pretrained('{name_or_path}')\"`) "
