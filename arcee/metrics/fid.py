@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import os
+import sys
 import time
 import urllib.error
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from arcee.errors import UserError, is_int, require
 from arcee.io import atomic_path
 
 MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
@@ -84,7 +86,13 @@ def _import_extractor(spec: str):
     mod, sep, attr = spec.partition(":")
     if not sep:
         raise ValueError(f"feature_extractor={spec!r}: expected 'inception', 'package.module:attr' or a .pt file")
-    obj = getattr(importlib.import_module(mod), attr)
+    try:
+        obj = getattr(importlib.import_module(mod), attr)
+    except ImportError as e:
+        raise ImportError(f"feature_extractor={spec!r}: cannot import module {mod!r} ({e}); it must be importable "
+                          f"from the current directory or PYTHONPATH") from e
+    except AttributeError:
+        raise ValueError(f"feature_extractor={spec!r}: module {mod!r} has no attribute {attr!r}") from None
     if isinstance(obj, type) or (callable(obj) and not isinstance(obj, torch.nn.Module) and _takes_no_args(obj)):
         return obj()  # a class or a factory: called without arguments
     return obj  # a module instance or an extractor function (b, 3, H, W) -> (b, d)
@@ -128,14 +136,14 @@ def _load_inception(mode: str, device):
     try:
         return cleanfid_extractor(mode, device, use_dataparallel=False)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise RuntimeError(
+        raise UserError(
             f"cannot download the Inception weights for FID (mode={mode}): network unreachable ({e}). "
             f"Download {url} on a machine with internet access and place it at {path}, or pass "
             f"feature_extractor=<custom module>.") from e
     except RuntimeError as e:
         if os.path.exists(path):
-            raise RuntimeError(f"the Inception weights at {path} cannot be loaded ({e}); the file is probably "
-                               f"an interrupted download: delete it and place a complete copy of {url} there") from e
+            raise UserError(f"the Inception weights at {path} cannot be loaded ({e}); the file is probably "
+                            f"an interrupted download: delete it and place a complete copy of {url} there") from e
         raise
 
 
@@ -151,6 +159,39 @@ def list_images(folder, what: str = "samples") -> list[str]:
     if not files:
         raise ValueError(f"{what}: folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def sample_images(folder) -> tuple[list[str], str]:
+    """The images of a sample folder to score, and a note on how they were chosen.
+
+    A folder written by sample.py (its ``sampling.json`` records ``num_samples``): exactly
+    ``000000.png .. {num_samples-1}.png``; a missing one is an error, other images are ignored
+    (and named in the note). Any other folder: every image under it (recursive, as clean-fid).
+    """
+    from arcee.sample.generate import MANIFEST, png_name
+
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        files = list_images(folder, "samples")
+        return files, f"{folder} has no {MANIFEST}: scoring all {len(files)} images found under it (recursive)"
+    try:
+        n = json.loads(manifest.read_text())["num_samples"]
+        if not is_int(n) or n < 0:
+            raise ValueError(f"num_samples={n!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"samples: {manifest} is unreadable or lacks num_samples ({e}); re-run sample.py on "
+                         f"{folder} with the same settings to rewrite it") from None
+    files = [str(folder / png_name(i)) for i in range(n)]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"samples: {folder} is incomplete: {MANIFEST} lists {n} images but {len(missing)} are "
+                         f"missing (e.g. {Path(missing[0]).name}); re-run sample.py with the same settings to finish it")
+    listed = set(files)
+    others = [os.path.relpath(f, folder) for f in list_images(folder, "samples") if f not in listed]
+    note = (f"{folder}: scoring the {n} images {MANIFEST} lists; ignoring {len(others)} other image(s) "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})") if others else ""
+    return files, note
 
 
 def image_format(files, what: str = "samples") -> tuple[int, int]:
@@ -344,9 +385,14 @@ class Evaluator:
                  kid_subsets: int = 100, kid_subset_size: int = 1000, verbose: bool = True):
         if real is None:
             raise ValueError("real: path of the reference folder (real_samples/) is required")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        require(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
+        require(is_int(num_workers) and num_workers >= 0, "num_workers", num_workers, "an integer >= 0")
+        require(is_int(kid_subsets) and kid_subsets >= 1, "kid_subsets", kid_subsets, "an integer >= 1")
+        require(is_int(kid_subset_size) and kid_subset_size >= 2, "kid_subset_size", kid_subset_size,
+                "an integer >= 2")
         self.real, self.mode, self.device = Path(real), mode, _device(device)
+        if not self.real.is_dir():  # before the feature extractor is built (Inception: a download)
+            raise FileNotFoundError(f"real: folder {real} does not exist")
         self.extractor = (feature_extractor if isinstance(feature_extractor, FeatureExtractor)
                           else build_feature_extractor(feature_extractor, mode, self.device, resize))
         self.cache_dir, self.batch_size, self.num_workers = cache_dir, batch_size, num_workers
@@ -368,10 +414,12 @@ class Evaluator:
         return out
 
     def folder(self, samples) -> dict:
-        """Scores of every image under folder `samples`."""
+        """Scores of the images of folder `samples` (those its sampling.json lists, else all; `sample_images`)."""
         t0 = time.perf_counter()
-        self.reference  # loaded (or computed) first: a bad reference folder fails before any sample is read
-        files = list_images(samples, "samples")
+        files, note = sample_images(samples)
+        if note and self.verbose:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        self.reference  # loaded (or computed) before any sample is read
         self._check_size(image_format(files, "samples"), f"samples folder {samples}")
         feats = files_features(files, self.extractor, self.mode, self.batch_size, self.num_workers, self.device,
                                self.verbose, f"samples {Path(samples).name}")

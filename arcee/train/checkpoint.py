@@ -243,8 +243,8 @@ def prune(ckpt_dir, keep_last: int, milestone_every: int) -> list[Path]:
     return [p for _, p in doomed]
 
 
-class RunFolderLocked(RuntimeError):
-    """Another live process holds the run folder's lock."""
+class RunFolderLocked(OSError):
+    """Another live process holds the run folder's lock (an OSError: reported as a user error)."""
 
 
 def lock_run_dir(accelerator, run_dir: Path) -> int | None:
@@ -256,16 +256,16 @@ def lock_run_dir(accelerator, run_dir: Path) -> int | None:
     descriptor to pass to `unlock_run_dir` (None on other ranks, or where the file system has no
     locks, with a warning).
     """
-    fd, message = None, None
+    fd, error = None, None
     if accelerator.is_main_process:
         try:
             fd = _acquire(Path(run_dir) / LOCK_FILE)
-        except RunFolderLocked as e:
-            message = str(e)
+        except OSError as e:  # held by another process, or the folder is not writable
+            error = e
     if accelerator.num_processes > 1:
-        message = broadcast_object_list([message])[0]
-    if message:
-        raise RunFolderLocked(message)
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise error
     return fd
 
 
