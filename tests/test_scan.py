@@ -1,6 +1,7 @@
 """The selective scan on CPU: reference vs a plain float64 loop, the cpu backend vs the
 reference, gradcheck, the state-passing properties, low precision, torch.compile, bad input."""
 import math
+import os
 
 import pytest
 import torch
@@ -160,6 +161,108 @@ def test_cpu_chunks_and_tiles_match_reference(monkeypatch, l):
     assert scan_cpu.chunk_len(5) == 3
     x = make_inputs(b=2, d=40, n=5, l=l, g=2)
     assert_matches(run(x, "cpu"), run(to64(x), "reference"), torch.float32)
+
+
+@pytest.mark.parametrize("max_chunk", [64, 16])
+def test_cpu_inf_in_A_with_a_tail_chunk(monkeypatch, max_chunk):
+    """A = -inf (a_t = 0) with l not a multiple of the chunk: a shorter tail chunk must not run
+    padded steps (dt = 0 would give exp(0 * -inf) = NaN). Matches the float64 reference, whose
+    only NaN is d(delta) of that channel (A exp(dt A) = -inf * 0)."""
+    from arcee.ops import scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "MAX_CHUNK", max_chunk)
+    x = make_inputs(b=2, d=4, n=5, l=40, g=1)
+    with torch.no_grad():
+        x["A"][1, 2] = -math.inf
+    got, want = run(x, "cpu"), run(to64(x), "reference")
+    assert got[1].isfinite().all() and want[1].isfinite().all()
+    for k in ("u", "A", "B", "C", "initial_state"):
+        assert got[2][k].isfinite().all(), k
+    for a, b in [(got[0], want[0]), (got[1], want[1])] + [(got[2][k], want[2][k]) for k in got[2]]:
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-2, equal_nan=True)
+
+
+def test_cpu_nan_delta_propagates_through_softplus():
+    """NaN in delta gives NaN out from that step on in its channel, as the reference (and mamba_ssm)."""
+    x = make_inputs(b=2, d=4, n=3, l=20, h0=False)
+    with torch.no_grad():
+        x["delta"][0, 1, 7] = math.nan
+    for backend in ("reference", "cpu"):
+        out = selective_scan_fn(**x, delta_softplus=True, backend=backend)
+        want = torch.zeros_like(out, dtype=torch.bool)
+        want[0, 1, 7:] = True
+        assert torch.equal(out.isnan(), want), backend
+
+
+def test_cpu_softplus_and_exp_are_accurate():
+    """The kernel's own vectorised softplus and exp against torch's, in fp32, edge values included:
+    with l = 1, B = C = u = 1, out = dt = softplus(delta); with B = 0, h_T = exp(dt A) h0."""
+    v = torch.cat([torch.linspace(-30, 30, 6001),
+                   torch.tensor([-1e30, -100.0, -17.5, -1e-8, 0.0, 1e-8, 19.99, 20.0, 20.001, 1e30, math.inf,
+                                 -math.inf, math.nan])])
+    d = v.numel()
+    one = torch.ones(1, d, 1)
+    out = selective_scan_fn(one, v.view(1, d, 1), -torch.ones(d, 1), torch.ones(1, 1, 1), torch.ones(1, 1, 1),
+                            delta_softplus=True, backend="cpu")
+    # atol: results below fp32's normal range (2^-126) are flushed to zero
+    torch.testing.assert_close(out.view(-1), F.softplus(v), rtol=2e-6, atol=2e-38, equal_nan=True)
+
+    x = torch.cat([torch.linspace(-80, 5, 8501), torch.tensor([-math.inf, math.nan, 0.0])])
+    d = x.numel()
+    _, h_T = selective_scan_fn(torch.zeros(1, d, 1), torch.ones(1, d, 1), x.view(d, 1), torch.zeros(1, 1, 1),
+                               torch.zeros(1, 1, 1), return_last_state=True, initial_state=torch.ones(1, d, 1),
+                               backend="cpu")
+    # exp(dt A) is formed as 2^(dt (A log2 e)): the rounding of A log2 e costs ~|dt A| 6e-8 relative
+    torch.testing.assert_close(h_T.view(-1).double(), torch.exp(x.double()), rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_cpu_strided_D_and_delta_bias():
+    x = make_inputs(b=2, d=6, n=8, l=20, g=2)
+    x["D"] = torch.randn(12)[::2].requires_grad_()
+    x["delta_bias"] = (0.5 * torch.rand(12))[::2].requires_grad_()
+    assert not x["D"].is_contiguous()
+    assert_matches(run(x, "cpu"), run(to64(x), "reference"), torch.float32)
+
+
+def test_cpu_threads_give_identical_results(monkeypatch):
+    """Tasks are claimed by whichever thread comes first: results must not depend on it."""
+    from arcee.ops import scan_cpu
+
+    x = make_inputs(b=6, d=40, n=5, l=70, g=2)
+    results = []
+    for n_threads in (1, 3):
+        monkeypatch.setattr(scan_cpu, "threads", lambda: n_threads)
+        results.append(run(x, "cpu"))
+    (o1, h1, g1), (o3, h3, g3) = results
+    assert torch.equal(o1, o3) and torch.equal(h1, h3)
+    assert all(torch.equal(g1[k], g3[k]) for k in g1)
+
+
+@pytest.mark.parametrize("running,want", [(1, 2), (2, 1), (9, 1)])
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch, tmp_path, running, want):
+    """threads(): torch's count, less the cores other runnable threads hold (the caller is one)."""
+    from arcee.ops import scan_cpu
+
+    path = tmp_path / "loadavg"
+    path.write_text(f"3.10 2.50 2.00 {running}/300 4242\n")
+    fd = os.open(path, os.O_RDONLY)
+    monkeypatch.setattr(scan_cpu, "_LOADAVG", fd)
+    monkeypatch.setattr(scan_cpu, "_CORES", 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    try:
+        assert scan_cpu.threads() == want
+    finally:
+        os.close(fd)
+
+
+def test_cpu_kernel_build_errors_name_the_compiler(monkeypatch, tmp_path):
+    from arcee.ops import scan_cpu
+
+    monkeypatch.setenv("ARCEE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no-such-compiler-xyz.*not found.*CXX"):
+        scan_cpu._build()
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
 
 
 @pytest.mark.parametrize("l", [1, 50])

@@ -41,7 +41,27 @@ template <> struct VecOf<float> {
 };
 template <> struct VecOf<double> {
   typedef double type __attribute__((vector_size(W * sizeof(double))));
+  typedef int64_t itype __attribute__((vector_size(W * sizeof(int64_t))));
 };
+
+// In-place transpose of a W x W block held as W vectors: swap the off-diagonal s x s blocks for
+// s = 8, 4, 2, 1, each swap one two-input shuffle per vector (vpermt2ps with AVX-512).
+template <typename V, typename I>
+inline void transpose(V* r) {
+  const I lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#pragma GCC unroll 4
+  for (int s = W / 2; s >= 1; s /= 2) {
+    // row i (bit s clear) takes row i + s's lanes k - s; row i + s takes row i's lanes k + s
+    const I lo = (lane & s) ? lane + (W - s) : lane, hi = (lane & s) ? lane + W : lane + s;
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i)
+      if (!(i & s)) {
+        const V a = r[i], b = r[i + s];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + s] = __builtin_shuffle(a, b, hi);
+      }
+  }
+}
 
 // 2^x, lane-wise. float: Cephes' exp2f polynomial on [-1/2, 1/2] (about 1 ulp), exponent by
 // integer add; NaN propagates, x < -126 gives 0, x > 127 gives inf.
@@ -223,6 +243,7 @@ namespace {
 template <typename T>
 struct Scan {
   typedef typename VecOf<T>::type V;
+  typedef typename VecOf<T>::itype I;
   const ScanArgs& a;
   const int64_t e, tiles, nchunks;
   std::vector<T> dA_b, dD_b, dbias_b;  // backward: per batch element, summed at the end
@@ -238,18 +259,29 @@ struct Scan {
 
   // x: (b, d, l). Rows c0 .. c0 + nv of batch element bi, steps t0 .. t0 + len -> buf[t][lane]
   // (lanes past nv are 0), and back.
+  // Whole W x W blocks go through vector transposes, the rest element by element.
   void load_tile(const T* x, int64_t bi, int64_t c0, int nv, int64_t t0, int64_t len, V* buf) const {
-    std::fill(buf, buf + len, V{});
-    for (int i = 0; i < nv; ++i) {
-      const T* row = x + (bi * a.d + c0 + i) * a.l + t0;
-      for (int64_t t = 0; t < len; ++t) buf[t][i] = row[t];
+    const T* rows = x + (bi * a.d + c0) * a.l + t0;
+    const int64_t full = nv == W ? len / W * W : 0;
+    for (int64_t t = 0; t < full; t += W) {
+      for (int i = 0; i < W; ++i) std::memcpy(&buf[t + i], rows + i * a.l + t, sizeof(V));
+      transpose<V, I>(buf + t);
     }
+    std::fill(buf + full, buf + len, V{});
+    for (int i = 0; i < nv; ++i)
+      for (int64_t t = full; t < len; ++t) buf[t][i] = rows[i * a.l + t];
   }
   void store_tile(void* x, int64_t bi, int64_t c0, int nv, int64_t t0, int64_t len, const V* buf) const {
-    for (int i = 0; i < nv; ++i) {
-      T* row = out(x) + (bi * a.d + c0 + i) * a.l + t0;
-      for (int64_t t = 0; t < len; ++t) row[t] = buf[t][i];
+    T* rows = out(x) + (bi * a.d + c0) * a.l + t0;
+    const int64_t full = nv == W ? len / W * W : 0;
+    for (int64_t t = 0; t < full; t += W) {
+      V blk[W];
+      std::copy(buf + t, buf + t + W, blk);
+      transpose<V, I>(blk);
+      for (int i = 0; i < W; ++i) std::memcpy(rows + i * a.l + t, &blk[i], sizeof(V));
     }
+    for (int i = 0; i < nv; ++i)
+      for (int64_t t = full; t < len; ++t) rows[i * a.l + t] = buf[t][i];
   }
   // x: (d, n) (or one batch element's (d, n)): channels c0 .. c0 + nv -> n vectors, and back.
   void load_cn(const T* x, int64_t c0, int nv, T scale, V* v) const {

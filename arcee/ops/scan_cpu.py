@@ -8,11 +8,13 @@ chunks of `T` steps with the state of 16 channels in vector registers, fuses sof
 (b, d, n, l) is ever written. A tail chunk is simply shorter, so any `l` is exact. Math:
 REFERENCE.md section 1 and docs/ops.md.
 
-Threads: `torch.get_num_threads()` workers claim tasks (16 channels of one batch element
-forward, one group of one batch element backward) from a shared counter; the caller never waits
-for a worker that has not started, and workers sleep instead of spinning. It uses none of torch's
-OpenMP, so a busy machine costs at most one task a descheduled worker holds (benchmarks/scan.py
-measures 1 against 2 threads).
+Threads (`threads()`): up to `torch.get_num_threads()`, fewer when other threads are runnable
+right now (Linux: /proc/loadavg), so that an oversubscribed machine runs the scan on the calling
+thread instead of waiting for a descheduled helper. Helpers claim tasks (16 channels of one batch
+element forward, one group of one batch element backward) from a shared counter and sleep between
+calls; the caller never waits for a helper that has not started. None of it is torch's OpenMP,
+whose spinning workers are what made the old path 8-68x slower at 2 threads on a busy 2-core
+machine (benchmarks/scan.py measures 1 against 2 threads).
 """
 import ctypes
 import hashlib
@@ -31,6 +33,26 @@ MAX_CHUNK = 64  # steps per chunk; the backward keeps 4 x T x n x 16 values of t
 CHUNK_STATES = 2048  # T x n at most (512 KiB of fp32 backward scratch)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scan_cpu.cpp")
 CXXFLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
+
+
+try:
+    _CORES = len(os.sched_getaffinity(0))
+    _LOADAVG = os.open("/proc/loadavg", os.O_RDONLY)  # "1.0 0.9 0.8 RUNNING/TOTAL LASTPID"
+except (AttributeError, OSError):
+    _CORES, _LOADAVG = os.cpu_count() or 1, None
+
+
+def threads() -> int:
+    """Threads for one kernel call: torch.get_num_threads(), capped by the cores that other
+    runnable threads leave free at this moment (the running count includes the caller)."""
+    want = torch.get_num_threads()
+    if want <= 1 or _LOADAVG is None:
+        return max(1, want)
+    try:
+        running = int(os.pread(_LOADAVG, 128, 0).split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return want
+    return max(1, min(want, _CORES - (running - 1)))
 
 
 def chunk_len(n: int) -> int:
@@ -139,7 +161,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
     out = torch.empty(b, d, l, dtype=ct)
     h_T = torch.empty(b, d, n, dtype=ct)
     saved = torch.empty(_saved_numel(b, d, l, n, g), dtype=ct)
-    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=torch.get_num_threads())
+    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=threads())
     _call("fwd", ct, sizes, dict(u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, z=z_, delta_bias=bias_, h0=h0_,
                                  out=out, hT=h_T, saved=saved))
     return out.to(u.dtype), h_T, saved
@@ -162,7 +184,7 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
     dA, dB, dC = new(d, n), new(b, g, n, l), new(b, g, n, l)
     dD, dbias = new(d, present=D is not None), new(d, present=delta_bias is not None)
     dh0 = new(b, d, n, present=h0 is not None)
-    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=torch.get_num_threads())
+    sizes = dict(b=b, d=d, l=l, n=n, g=g, T=chunk_len(n), softplus=delta_softplus, threads=threads())
     _call("bwd", ct, sizes, dict(u=u_, delta=delta_, A=A_, B=B_, C=C_, D=D_, z=z_, delta_bias=bias_, saved=saved,
                                  dout=dout_, dhT=dh_T_, du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dz=dz,
                                  ddelta_bias=dbias, dh0=dh0))
