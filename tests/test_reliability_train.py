@@ -411,14 +411,14 @@ def test_process_count_changes_only_float_rounding(tmp_path):
     for other in (two, resumed):
         w = weights(other)
         worst = max((w[k] - one[k]).abs().max().item() for k in one)
-        assert worst < 1e-3 * lr, (other.name, worst)
+        assert worst < 1e-2 * lr, (other.name, worst)  # measured: 1.2e-7 = 1.2e-4 lr (a few ulps)
     # what the test would see if the noise depended on the process layout: another data seed
     from arcee.train import sampler
-    real = sampler.sample_seed
+    real = sampler.sample_seeds
     try:
-        sampler.sample_seed = lambda seed, stream, position: real(seed + 1, stream, position)
+        sampler.sample_seeds = lambda seed, position: real(seed + 1, position)
         run(cfg_of(*common), tmp_path / "other_noise")
     finally:
-        sampler.sample_seed = real
+        sampler.sample_seeds = real
     w = weights(tmp_path / "other_noise")
     assert max((w[k] - one[k]).abs().max().item() for k in one) > 0.5 * lr
