@@ -1,23 +1,32 @@
 """Fused Triton kernels for the state-passing selective scan (REFERENCE.md section 1).
 
-One launch forward, one launch backward. Each program owns a tile of ``BLOCK_D`` channels of one
-group of one batch element and walks the sequence in chunks of ``T`` steps. On a
-``[BLOCK_D, BLOCK_N, T]`` tile the linear recurrence ``h_t = a_t h_{t-1} + b_t`` is one
-``tl.associative_scan`` over pairs ``(a, b)``; the state crosses chunks as ``[BLOCK_D, BLOCK_N]``
-fp32 values. Steps past ``l`` are the identity pair ``(1, 0)``, so any ``l >= 1`` works.
+One launch forward, one launch backward, time-parallel like mamba_ssm's CUDA kernel. A program
+owns ``BLOCK_D`` channels of one group of one batch element and is one warp. It walks the
+sequence in chunks of ``L = 32 * ITEMS`` steps: each lane holds ``ITEMS`` consecutive steps
+(one 16-byte vector of the input dtype) of every channel of the tile, so a ``[BLOCK_D, L]``
+tile is what the loads give, with no layout conversion. For every state ``n`` in turn (a loop:
+``n`` is never a tile axis) the recurrence ``h_t = a_t h_{t-1} + b_t`` is one
+``tl.associative_scan`` along time: a sequential scan of the lane's ``ITEMS`` steps, then five
+shuffle rounds across the warp, amortised over ``ITEMS`` steps. ``y_t = sum_n C_t[n] h_t[n]`` (and
+``du``, ``ddelta`` in the backward) accumulate in registers over the loop on ``n``: no reduction
+over ``n`` ever crosses lanes.
 
-d_state larger than ``MAX_BLOCK_N`` is split into ``NB`` blocks of ``BLOCK_N`` states, looped
-*inside* the program, so ``y_t = sum_n C_t[n] h_t[n]`` (and du, ddelta in the backward) still
-reduce in registers and the forward writes every output once, without atomics. With ``NB == 1`` the
-carried state lives in registers; with ``NB > 1`` it goes through global memory: the forward
-reads chunk k's entry state from ``saved`` (written by the same program at chunk k - 1) and the
-backward keeps ``dL/dh`` in the ``dh0`` buffer, with a barrier between chunks.
+State crossing chunks goes through memory, one value per (channel, state) and chunk: the forward
+stores the state leaving chunk k in ``saved[:, k]`` (the last chunk's in ``h_T``) and the backward
+reads it back as chunk k + 1's entry state, so ``saved`` is empty when ``l <= L``. The backward
+walks chunks in reverse; ``lam_t = dL/dh_t`` obeys ``lam_t = g_t + a_{t+1} lam_{t+1}``: a reverse
+scan over ``(a_{t+1}, g_t)``. ``a_{t+1}`` is the forward's ``a`` shifted by one step: in registers
+within a lane and one shuffle across lanes, so the backward evaluates one exp per update. What
+flows into the previous chunk, ``a_0 lam_0``, is the carry (and, for chunk 0, ``dh0``).
 
-``saved`` holds the state entering each chunk, ``(b, nchunks, d, n)`` in the accumulation dtype;
-the backward recomputes the states of a chunk from it, runs the reverse scan for
-``lam_t = dL/dh_t`` and reduces dB/dC over the channel tile before fp32 atomics. dA, dD and
-ddelta_bias are per-program partial sums added with atomics, so the backward is not bitwise
-deterministic (as mamba_ssm's). Accumulation is fp32, fp64 when the inputs are fp64.
+dB, dC are reduced over the channel tile and added with relaxed fp32 atomics, dA, dD and
+ddelta_bias per program likewise: the backward is not bitwise deterministic (as mamba_ssm's).
+Every full chunk runs without masks; the last, partial chunk runs the same code with masks, its
+padded steps the exact identity ``(a, b) = (1, 0)`` (also for ``A = -inf``).
+
+On a GPU the exponentials, logs and reciprocals are the single-instruction approximations
+(``ex2/lg2/rcp.approx.ftz.f32``, relative error ~2^-22). fp64 inputs and the interpreter use
+``tl.exp2`` / ``tl.log2`` / division. Accumulation is fp32, fp64 when the inputs are fp64.
 
 TRITON_INTERPRET must be set before this module is imported: the autotune configs depend on it.
 """
@@ -28,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_N = 64  # states per block; larger d_state loops over ceil(n / 64) blocks
-FWD_TILE = 8192  # BLOCK_D * BLOCK_N * T elements per program: no ptxas spills at 8 warps on sm_90
-BWD_TILE = 4096  # the backward keeps about twice as many tiles alive (same criterion)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+LANES = 32  # one warp per program: a chunk is LANES * ITEMS steps
+INTERPRET_CHUNK = 32  # chunk length under the interpreter (small, so tests cross chunks)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -51,7 +61,15 @@ def _vectorize_interpreter_scan():
     def generic_scan(self, inputs):
         data = [np.moveaxis(x.handle.data, self.axis, 0) for x in inputs]
         outs = [np.empty_like(d) for d in data]
-        acc = None
+        if getattr(self.combine_fn, "__name__", "") == "_combine" and len(data) == 2:
+            # the linear recurrence of this module's _combine, in numpy: h_i = a_i h_{i-1} + b_i
+            (a, b), (a_out, h_out) = data, outs
+            np.cumprod(a, axis=0, out=a_out)
+            h_out[0] = b[0]
+            for i in range(1, a.shape[0]):
+                h_out[i] = a[i] * h_out[i - 1] + b[i]
+            return [self.to_tensor(np.moveaxis(o, 0, self.axis), x.dtype) for o, x in zip(outs, inputs)]
+        acc = None  # reverse scans arrive flipped (apply_impl), so this is always combine(acc, cur)
         for i in range(data[0].shape[0]):
             cur = tuple(self.to_tensor(d[i:i + 1], x.dtype) for d, x in zip(data, inputs))
             acc = cur if acc is None else self.combine_fn.fn(*acc, *cur)
@@ -69,31 +87,68 @@ if _INTERPRET:
 
 # ----------------------------------------------------------------------------- configs
 
-def _configs():
+def _gpu_configs(kernel):
+    """One warp per program; BLOCK_D channels per lane, registers capped so that at least 16
+    warps fit on an SM (occupancy >= 25 %): benchmarks/kernel_static.py reads the cost of each."""
+    widths = (1, 2) if kernel == "fwd" else (1,)
+    return [triton.Config({"BLOCK_D": bd}, num_warps=1, maxnreg=128) for bd in widths]
+
+
+def _configs(kernel):
     if _INTERPRET or not torch.cuda.is_available():  # the interpreter cannot autotune
-        return [triton.Config({"BLOCK_D": 4}, num_warps=4)]
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (1, 2, 4, 8, 16, 32) for w in (4, 8)]
+        return [triton.Config({"BLOCK_D": 4}, num_warps=1)]
+    return _gpu_configs(kernel)
 
 
-def _pruner(budget):
+def _pruner():
+    """Keep tiles no wider than the group (the rest would be masked off); never nothing."""
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
-        tile_nt = kwargs["BLOCK_N"] * kwargs["T"]
-        max_bd = triton.next_power_of_2(named_args["dim"] // named_args["ngroups"])
-        kept = [c for c in configs
-                if c.kwargs["BLOCK_D"] * tile_nt <= budget and c.kwargs["BLOCK_D"] <= max_bd
-                and c.kwargs["BLOCK_D"] * tile_nt >= 32 * c.num_warps]  # at least one element per thread
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_D"], c.num_warps))]
+        dpg = named_args["dim"] // named_args["ngroups"]
+        kept = [c for c in configs if c.kwargs["BLOCK_D"] <= triton.next_power_of_2(dpg)]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
     return prune
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- math helpers
 
 @triton.jit
-def _softplus(x):
-    # log(1 + e^x), identity above 20 like torch's softplus (tl.math.log1p is missing in the interpreter)
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+def _ex2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _lg2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    # log(1 + e^x), identity above 20 like torch's; NaN in gives NaN out, +inf gives +inf
+    return tl.where(x > 20.0, x, _lg2(1.0 + _ex2(x * LOG2E, FAST), FAST) * LN2)
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    return _rcp(1.0 + _ex2(-(x * LOG2E), FAST), FAST)
 
 
 @triton.jit
@@ -102,48 +157,290 @@ def _combine(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 
-@triton.jit
-def _states(h_in, A, dt, dtu, Bt):
-    """States of one chunk. h_in [BD, BN] enters; A [BD, BN]; dt, dtu = dt*u [BD, T]; Bt [BN, T].
-    Returns h [BD, BN, T] with h_t = a_t h_{t-1} + dt_t B_t u_t, a_t = exp(dt_t A)."""
-    a = tl.exp(dt[:, None, :] * A[:, :, None])
-    a_cum, h_loc = tl.associative_scan((a, dtu[:, None, :] * Bt[None, :, :]), axis=2, combine_fn=_combine)
-    return a_cum * h_in[:, :, None] + h_loc
+def reverse_scan_ptx(items):
+    """PTX of the backward's reverse scan for one lane holding `items` consecutive steps.
+
+    Operands: outputs lam_0.. ($0..), inputs a_0.. then g_0.. (the lane's steps in order).
+    Computes lam_t = g_t + a_{t+1} lam_{t+1} over the warp's 32 * items steps, with nothing after
+    the last step (the chunk's carry is already in its g): a_{t+1} comes from the next register
+    or, for the lane's last step, from the next lane; a sequential suffix pass in the lane, five
+    shuffle rounds composing the lanes' affine maps (x -> A x + R), one shuffle for the value
+    after the lane, then lam = A x + R per step. tests/test_scan_triton.py runs this text through
+    a small PTX interpreter against a float64 loop.
+    """
+    n = items
+    out, a, g = [f"${i}" for i in range(n)], [f"${n + i}" for i in range(n)], [f"${2 * n + i}" for i in range(n)]
+    lines = [".reg .f32 al<%d>, R<%d>, A<%d>, Ar, Rr, X, t1, t2;" % (n, n, n), ".reg .pred p;"]
+    lines += [f"mov.f32 al{i}, {a[i + 1]};" for i in range(n - 1)]
+    lines += [f"shfl.sync.down.b32 al{n - 1}|p, {a[0]}, 1, 0x1f, 0xffffffff;"]
+    lines += [f"mov.f32 R{n - 1}, {g[n - 1]};", f"mov.f32 A{n - 1}, al{n - 1};"]
+    for i in range(n - 2, -1, -1):
+        lines += [f"fma.rn.f32 R{i}, al{i}, R{i + 1}, {g[i]};", f"mul.f32 A{i}, al{i}, A{i + 1};"]
+    lines += ["mov.f32 Ar, A0;", "mov.f32 Rr, R0;"]
+    for d in (1, 2, 4, 8, 16):
+        lines += [f"shfl.sync.down.b32 t1|p, Rr, {d}, 0x1f, 0xffffffff;",
+                  f"shfl.sync.down.b32 t2|p, Ar, {d}, 0x1f, 0xffffffff;",
+                  "@p fma.rn.f32 Rr, Ar, t1, Rr;", "@p mul.f32 Ar, Ar, t2;"]
+    lines += ["shfl.sync.down.b32 X|p, Rr, 1, 0x1f, 0xffffffff;", "@!p mov.f32 X, 0f00000000;"]
+    lines += [f"fma.rn.f32 {out[i]}, A{i}, X, R{i};" for i in range(n)]
+    return "{ " + " ".join(lines) + " }"
+
+
+def forward_scan_ptx(items):
+    """PTX of the forward scan for one lane holding `items` consecutive steps.
+
+    Operands: outputs h_0.. ($0..), inputs a_0.., b_0.., then h_in (the state entering the chunk,
+    the same in every operand). Computes h_t = a_t h_{t-1} + b_t over the warp's 32 * items steps
+    from h_{-1} = h_in: a sequential pass in the lane (its affine map x -> A x + H), lane 0 applies
+    its map to h_in, five shuffle rounds compose the maps across lanes, one shuffle brings each
+    lane the state it starts from, then h = A x + H per step (what tl.associative_scan does, with
+    the entering state folded in and without its identity selects). Tested like reverse_scan_ptx.
+    """
+    n = items
+    out, a, b = [f"${i}" for i in range(n)], [f"${n + i}" for i in range(n)], [f"${2 * n + i}" for i in range(n)]
+    h_in = f"${3 * n}"
+    lines = [".reg .f32 A<%d>, H<%d>, Ar, Hr, X, t1, t2;" % (n, n), ".reg .pred p, q;", ".reg .u32 ln;",
+             "mov.u32 ln, %laneid;", "setp.eq.u32 q, ln, 0;", f"mov.f32 A0, {a[0]};", f"mov.f32 H0, {b[0]};"]
+    for i in range(1, n):
+        lines += [f"mul.f32 A{i}, A{i - 1}, {a[i]};", f"fma.rn.f32 H{i}, {a[i]}, H{i - 1}, {b[i]};"]
+    lines += [f"mov.f32 Ar, A{n - 1};", f"mov.f32 Hr, H{n - 1};", f"@q fma.rn.f32 Hr, Ar, {h_in}, Hr;"]
+    for d in (1, 2, 4, 8, 16):
+        lines += [f"shfl.sync.up.b32 t1|p, Hr, {d}, 0x0, 0xffffffff;",
+                  f"shfl.sync.up.b32 t2|p, Ar, {d}, 0x0, 0xffffffff;", "@p fma.rn.f32 Hr, Ar, t1, Hr;"]
+        if d < 16:
+            lines += ["@p mul.f32 Ar, Ar, t2;"]
+    lines += ["shfl.sync.up.b32 X|p, Hr, 1, 0x0, 0xffffffff;", f"@q mov.f32 X, {h_in};"]
+    lines += [f"fma.rn.f32 {out[i]}, A{i}, X, H{i};" for i in range(n)]
+    return "{ " + " ".join(lines) + " }"
+
+
+_FORWARD_SCAN_8 = tl.constexpr(forward_scan_ptx(8))
+_FORWARD_SCAN_4 = tl.constexpr(forward_scan_ptx(4))
+_FORWARD_SCAN_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24))
+_FORWARD_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 12))
 
 
 @triton.jit
-def _at(x, tt, i):
-    """x[:, :, i] of a [BD, BN, T] tile (tt = arange(T))."""
-    return tl.sum(tl.where(tt[None, None, :] == i, x, 0.0), axis=2)
+def _forward_scan(a, bx, h_in, tt, ITEMS: tl.constexpr, FAST: tl.constexpr):
+    """h [BD, L] with h_t = a_t h_{t-1} + bx_t from h_{-1} = h_in [BD]. FAST: forward_scan_ptx."""
+    if FAST:
+        hb = h_in[:, None] + tl.zeros_like(a)
+        if ITEMS == 8:
+            return tl.inline_asm_elementwise(_FORWARD_SCAN_8, _FORWARD_SCAN_CONSTRAINTS_8, [a, bx, hb],
+                                             dtype=tl.float32, is_pure=True, pack=8)
+        else:
+            return tl.inline_asm_elementwise(_FORWARD_SCAN_4, _FORWARD_SCAN_CONSTRAINTS_4, [a, bx, hb],
+                                             dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        bx0 = tl.where(tt[None, :] == 0, bx + a * h_in[:, None], bx)  # the entering state: b_0 += a_0 h_in
+        _, h = tl.associative_scan((a, bx0), 1, _combine)
+        return h
+
+
+_REVERSE_SCAN_8 = tl.constexpr(reverse_scan_ptx(8))
+_REVERSE_SCAN_4 = tl.constexpr(reverse_scan_ptx(4))
+_REVERSE_SCAN_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
+_REVERSE_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 8))
 
 
 @triton.jit
-def _dt(delta_ptrs, mask, bias, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """dt = softplus(delta + bias) at masked positions, 0 elsewhere (so a = 1: the identity step).
-    Returns (dt, delta + bias)."""
-    x = tl.load(delta_ptrs, mask=mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        x += bias[:, None]
-    dt = x
-    if SOFTPLUS:
-        dt = _softplus(x)
-    return tl.where(mask, dt, 0.0), x
+def _reverse_scan(a, g, tt, L: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
+    """lam [BD, L] with lam_t = g_t + a_{t+1} lam_{t+1}, nothing after step L - 1 (fold any carry
+    into g's last step). FAST: reverse_scan_ptx, from the lane's registers (Triton lowers a reverse
+    tl.associative_scan by reversing the tile across lanes: ~130 shuffles instead of 12)."""
+    if FAST:
+        if ITEMS == 8:
+            return tl.inline_asm_elementwise(_REVERSE_SCAN_8, _REVERSE_SCAN_CONSTRAINTS_8, [a, g],
+                                             dtype=tl.float32, is_pure=True, pack=8)
+        else:
+            return tl.inline_asm_elementwise(_REVERSE_SCAN_4, _REVERSE_SCAN_CONSTRAINTS_4, [a, g],
+                                             dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        _, lam = tl.associative_scan((_shift_next(a, tt, L, ITEMS, FAST), g), 1, _combine, reverse=True)
+        return lam
+
+
+@triton.jit
+def _shift_next(x, tt, L: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
+    """y[:, t] = x[:, t + 1] of a [BD, L] fp32 tile; y[:, L - 1] is unspecified.
+
+    FAST (GPU): each lane holds ITEMS consecutive steps, so the shift moves registers inside the
+    lane and one value across lanes (one shuffle per ITEMS steps). benchmarks/kernel_static.py and
+    tests/test_scan_triton.py check that the compiled kernel has exactly that layout.
+    Otherwise: an exact one-hot contraction over the time axis (the interpreter, fp64).
+    """
+    if FAST:
+        if ITEMS == 8:
+            return tl.inline_asm_elementwise(
+                "mov.b32 $0, $9; mov.b32 $1, $10; mov.b32 $2, $11; mov.b32 $3, $12; "
+                "mov.b32 $4, $13; mov.b32 $5, $14; mov.b32 $6, $15; "
+                "shfl.sync.down.b32 $7, $8, 1, 0x1f, 0xffffffff;",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=8)
+        else:
+            return tl.inline_asm_elementwise(
+                "mov.b32 $0, $5; mov.b32 $1, $6; mov.b32 $2, $7; "
+                "shfl.sync.down.b32 $3, $4, 1, 0x1f, 0xffffffff;",
+                "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        hit = tt[None, :, None] == tt[None, None, :] - 1  # [1, dst, src]: src = dst + 1
+        return tl.sum(tl.where(hit, x[:, None, :], 0.0), axis=2)
+
+
+def _store_step_asm(items, first):
+    """PTX for _store_step: operands are ITEMS outputs, then ITEMS addresses, values, flags."""
+    lane, reg = (0, 0) if first else (31, items - 1)
+    return tl.constexpr(
+        "{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; "
+        f"setp.eq.u32 p, l, {lane}; setp.ne.and.s32 p, ${3 * items + reg}, 0, p; "
+        f"@p st.global.f32 [${items + reg}], ${2 * items + reg}; mov.b32 $0, 0; }}")
+
+
+_STORE_FIRST_8, _STORE_LAST_8 = _store_step_asm(8, True), _store_step_asm(8, False)
+_STORE_FIRST_4, _STORE_LAST_4 = _store_step_asm(4, True), _store_step_asm(4, False)
+_STORE_CONSTRAINTS_8 = tl.constexpr("=r," * 8 + "l," * 8 + "r," * 8 + "r,r,r,r,r,r,r,r")
+_STORE_CONSTRAINTS_4 = tl.constexpr("=r," * 4 + "l," * 4 + "r," * 4 + "r,r,r,r")
+
+
+@triton.jit
+def _store_step(ptrs, x, mask_d, tt, STEP: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr,
+                FAST: tl.constexpr):
+    """ptrs[c] = x[c, STEP] (STEP is 0 or L - 1) for the channels in mask_d; x is a [BD, L] tile.
+
+    FAST: the lane that holds the step stores it from its registers (a tl.store would first
+    convert the tile to the store's own layout through shared memory)."""
+    if FAST:
+        p = (ptrs[:, None] + 0 * tt[None, :]).to(tl.int64, bitcast=True)
+        ok = (mask_d[:, None] & (tt[None, :] >= 0)).to(tl.int32)
+        if ITEMS == 8:
+            if STEP == 0:
+                tl.inline_asm_elementwise(_STORE_FIRST_8, _STORE_CONSTRAINTS_8, [p, x, ok], dtype=tl.int32,
+                                          is_pure=False, pack=8)
+            else:
+                tl.inline_asm_elementwise(_STORE_LAST_8, _STORE_CONSTRAINTS_8, [p, x, ok], dtype=tl.int32,
+                                          is_pure=False, pack=8)
+        else:
+            if STEP == 0:
+                tl.inline_asm_elementwise(_STORE_FIRST_4, _STORE_CONSTRAINTS_4, [p, x, ok], dtype=tl.int32,
+                                          is_pure=False, pack=4)
+            else:
+                tl.inline_asm_elementwise(_STORE_LAST_4, _STORE_CONSTRAINTS_4, [p, x, ok], dtype=tl.int32,
+                                          is_pure=False, pack=4)
+    else:
+        # pointers laid out like the tile, valid only where masked in (tt == STEP)
+        tl.store(ptrs[:, None] + (tt[None, :] - STEP), x, mask=mask_d[:, None] & (tt == STEP)[None, :])
+
+
+@triton.jit
+def _atomic_add_row(ptrs, x, VEC: tl.constexpr, ITEMS: tl.constexpr):
+    """ptrs[t] += x[t] for a [L] fp32 row, relaxed. VEC (GPU, 16-byte aligned rows): each lane
+    adds its ITEMS consecutive values with vector reductions, from its registers (tl.atomic_add
+    would first convert the row to its 4-wide layout with shuffles)."""
+    if VEC:
+        p = ptrs.to(tl.int64, bitcast=True)
+        if ITEMS == 8:
+            tl.inline_asm_elementwise(
+                "red.global.gpu.relaxed.add.v4.f32 [$8], {$16, $17, $18, $19}; "
+                "red.global.gpu.relaxed.add.v4.f32 [$8+16], {$20, $21, $22, $23}; mov.b32 $0, 0;",
+                "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,r,r,r,r,r,r,r,r",
+                [p, x], dtype=tl.int32, is_pure=False, pack=8)
+        else:
+            tl.inline_asm_elementwise(
+                "red.global.gpu.relaxed.add.v4.f32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0;",
+                "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [p, x], dtype=tl.int32, is_pure=False, pack=4)
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _entry_state(k, bi, c, mask_d, h0_ptr, saved_ptr, dim, dstate, nchunks, s_hb, s_hd, s_hn,
+                 HAS_H0: tl.constexpr):
+    """(pointers [BD], stride along n, mask) of the state entering chunk k: h0 (or zeros, masked
+    off) for chunk 0, else what the forward stored in saved[:, k - 1]."""
+    first = k == 0
+    ptrs = tl.where(first, h0_ptr + bi * s_hb + c * s_hd,
+                    saved_ptr + (bi * (nchunks - 1) + k - 1) * (dim * dstate) + c.to(tl.int64) * dstate)
+    stride = tl.where(first, s_hn, 1)
+    if HAS_H0:
+        mask = mask_d
+    else:
+        mask = mask_d & (k > 0)
+    return ptrs, stride, mask
 
 
 # ----------------------------------------------------------------------------- forward
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "seqlen", "HAS_Z"],
-                 prune_configs_by={"early_config_prune": _pruner(FWD_TILE)})
+@triton.jit
+def _fwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv,
+               u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
+               dim, dstate, seqlen, nchunks,
+               s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+               s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
+               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+               SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
+               L: tl.constexpr, ITEMS: tl.constexpr):
+    """One chunk [t0, t0 + L): out and the state leaving it (saved[:, k], or h_T for the last)."""
+    t = t0 + tt
+    if MASKED:
+        mask_t = t < seqlen
+        mask = mask_d[:, None] & mask_t[None, :]
+    else:
+        mask = mask_d[:, None]
+    u = tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0).to(ACC)
+    x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        x += bias[:, None]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x, FAST)
+    if MASKED:
+        dt = tl.where(mask, dt, 0.0)
+    dtu = dt * u
+    y = tl.zeros_like(u)
+    if HAS_D:
+        y = Dv[:, None] * u
+
+    in_ptrs, in_stride, in_mask = _entry_state(k, bi, c, mask_d, h0_ptr, saved_ptr, dim, dstate, nchunks,
+                                               s_hb, s_hd, s_hn, HAS_H0)
+    slab = dim * dstate
+    st_off = c.to(tl.int64) * dstate
+    out_state = tl.where(k == nchunks - 1, hT_ptr + bi * slab + st_off,
+                         saved_ptr + (bi * (nchunks - 1) + k) * slab + st_off)
+    B_ptrs = B_ptr + bi * s_Bb + grp * s_Bg + t * s_Bl
+    C_ptrs = C_ptr + bi * s_Cb + grp * s_Cg + t * s_Cl
+    for j in range(dstate):
+        A2 = tl.load(A_ptr + c * s_Ad + j * s_An, mask=mask_d, other=0.0).to(ACC) * LOG2E
+        if MASKED:
+            Bj = tl.load(B_ptrs + j * s_Bn, mask=mask_t, other=0.0).to(ACC)
+            Cj = tl.load(C_ptrs + j * s_Cn, mask=mask_t, other=0.0).to(ACC)
+        else:
+            Bj = tl.load(B_ptrs + j * s_Bn).to(ACC)
+            Cj = tl.load(C_ptrs + j * s_Cn).to(ACC)
+        a = _ex2(dt * A2[:, None], FAST)
+        if MASKED:
+            a = tl.where(mask, a, 1.0)  # padded steps: the identity, also for A = -inf
+        bx = dtu * Bj[None, :]
+        h_in = tl.load(in_ptrs + j * in_stride, mask=in_mask, other=0.0).to(ACC)
+        h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)
+        y += Cj[None, :] * h  # y_t = sum_n C_t[n] h_t[n]
+        _store_step(out_state + j, h, mask_d, tt, L - 1, L, ITEMS, FAST)
+    if HAS_Z:
+        zv = tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0).to(ACC)
+        y *= zv * _sigmoid(zv, FAST)  # out = y * silu(z)
+    tl.store(out_ptr + (bi * dim + c[:, None]) * seqlen + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs("fwd"), key=["dim", "dstate", "seqlen", "HAS_Z", "L"],
+                 prune_configs_by={"early_config_prune": _pruner()})
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, hT_ptr, saved_ptr,
     dim, dstate, seqlen, nchunks, ngroups,
-    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_D, s_bias,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, T: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr,
 ):
     dpg = dim // ngroups
     ntiles = tl.cdiv(dpg, BLOCK_D)  # 1-D grid: channel tiles fastest, so tiles sharing B, C run together
@@ -152,236 +449,219 @@ def _fwd_kernel(
     grp = (pid // ntiles) % ngroups
     cg = (pid % ntiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # channel within the group
     mask_d = cg < dpg
-    c = (grp * dpg + cg).to(tl.int64)
-    nn = tl.arange(0, BLOCK_N)
-    tt = tl.arange(0, T)
-
-    u_ptrs = u_ptr + bi * s_ub + c[:, None] * s_ud + tt[None, :] * s_ul
-    delta_ptrs = delta_ptr + bi * s_db + c[:, None] * s_dd + tt[None, :] * s_dl
-    z_ptrs = z_ptr + bi * s_zb + c[:, None] * s_zd + tt[None, :] * s_zl
-    out_ptrs = out_ptr + (bi * dim + c[:, None]) * seqlen + tt[None, :]
-    B_base = B_ptr + bi * s_Bb + grp * s_Bg
-    C_base = C_ptr + bi * s_Cb + grp * s_Cg
-    state_off = c[:, None] * dstate + nn[None, :]  # into a (d, n) slab of saved / h_T
-    slab = (bi * 0 + dim) * dstate  # one (d, n) state slab, int64: nchunks * d * n may pass 2^31
-    saved_b = saved_ptr + bi * nchunks * slab
-
-    bias = tl.load(bias_ptr + c, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
-    Dv = tl.load(D_ptr + c, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
-
-    # saved[:, 0] = h0 (zeros when h0 is None); with NB == 1 the carry stays in registers
-    h = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-    for j in range(NB):
-        n_idx = j * BLOCK_N + nn
-        mask_dn = mask_d[:, None] & (n_idx < dstate)[None, :]
-        h0 = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-        if HAS_H0:
-            h0 = tl.load(h0_ptr + bi * s_hb + c[:, None] * s_hd + n_idx[None, :] * s_hn,
-                         mask=mask_dn, other=0.0).to(ACC)
-        tl.store(saved_b + state_off + j * BLOCK_N, h0, mask=mask_dn)
-        if NB == 1:
-            h = h0
-    if NB > 1:
-        tl.debug_barrier()
-
-    for k in range(nchunks):
-        t = k * T + tt
-        mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptrs + k * T * s_ul, mask=mask_dt, other=0.0).to(ACC)
-        dt = _dt(delta_ptrs + k * T * s_dl, mask_dt, bias, ACC, HAS_BIAS, SOFTPLUS)[0]
-        dtu = dt * u
-        y = tl.zeros([BLOCK_D, T], ACC)
-        for j in range(NB):
-            n_idx = j * BLOCK_N + nn
-            mask_n = n_idx < dstate
-            mask_dn = mask_d[:, None] & mask_n[None, :]
-            mask_nt = mask_n[:, None] & mask_t[None, :]
-            A = tl.load(A_ptr + c[:, None] * dstate + n_idx[None, :], mask=mask_dn, other=0.0).to(ACC)
-            Bt = tl.load(B_base + n_idx[:, None] * s_Bn + t[None, :] * s_Bl, mask=mask_nt, other=0.0).to(ACC)
-            Ct = tl.load(C_base + n_idx[:, None] * s_Cn + t[None, :] * s_Cl, mask=mask_nt, other=0.0).to(ACC)
-            if NB > 1:
-                h = tl.load(saved_b + k * slab + state_off + j * BLOCK_N, mask=mask_dn, other=0.0)
-            hs = _states(h, A, dt, dtu, Bt)
-            y += tl.sum(Ct[None, :, :] * hs, axis=1)  # y_t = sum_n C_t[n] h_t[n]
-            h = _at(hs, tt, T - 1)  # tail steps are the identity, so this is the last real state
-            tl.store(saved_b + (k + 1) * slab + state_off + j * BLOCK_N, h, mask=mask_dn & (k + 1 < nchunks))
-            tl.store(hT_ptr + bi * slab + state_off + j * BLOCK_N, h, mask=mask_dn & (k + 1 == nchunks))
-        if HAS_D:
-            y += Dv[:, None] * u
-        if HAS_Z:
-            zv = tl.load(z_ptrs + k * T * s_zl, mask=mask_dt, other=0.0).to(ACC)
-            y *= zv * tl.sigmoid(zv)  # out = y * silu(z)
-        tl.store(out_ptrs + k * T, y.to(out_ptr.dtype.element_ty), mask=mask_dt)
-        if NB > 1:
-            tl.debug_barrier()  # chunk k + 1 reads the states this chunk stored
+    c = grp * dpg + cg
+    tt = tl.arange(0, L)
+    bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
+    nfull = seqlen // L
+    for k in range(nfull):
+        _fwd_chunk(k, k * L, bi, grp, c, mask_d, tt, bias, Dv,
+                   u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
+                   dim, dstate, seqlen, nchunks,
+                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
+                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, False, L, ITEMS)
+        tl.debug_barrier()  # the next chunk reads the states this one stored
+    if nfull < nchunks:
+        _fwd_chunk(nfull, nfull * L, bi, grp, c, mask_d, tt, bias, Dv,
+                   u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
+                   dim, dstate, seqlen, nchunks,
+                   s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+                   s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
+                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, True, L, ITEMS)
 
 
 # ----------------------------------------------------------------------------- backward
 
-@triton.autotune(configs=_configs(), key=["dim", "dstate", "seqlen", "HAS_Z"],
-                 prune_configs_by={"early_config_prune": _pruner(BWD_TILE)},
+@triton.jit
+def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+               dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
+               du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
+               dim, dstate, seqlen, nchunks, ngroups,
+               s_ob, s_od, s_ol, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+               s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn, s_gb, s_gd, s_gn,
+               HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+               HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
+               MASKED: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC_ATOMICS: tl.constexpr):
+    """Gradients of chunk [t0, t0 + L); returns the running (dD, ddelta_bias) partial sums."""
+    t = t0 + tt
+    if MASKED:
+        mask_t = t < seqlen
+        mask = mask_d[:, None] & mask_t[None, :]
+    else:
+        mask = mask_d[:, None]
+    x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        x += bias[:, None]
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x, FAST)
+    if MASKED:
+        dt = tl.where(mask, dt, 0.0)
+    u_ptrs = u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul
+    dout_ptrs = dout_ptr + bi * s_ob + c[:, None] * s_od + t[None, :] * s_ol
+    z_ptrs = z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl
+    dtu = dt * tl.load(u_ptrs, mask=mask, other=0.0).to(ACC)
+    gy = tl.load(dout_ptrs, mask=mask, other=0.0).to(ACC)
+    if HAS_Z:
+        zv = tl.load(z_ptrs, mask=mask, other=0.0).to(ACC)
+        gy *= zv * _sigmoid(zv, FAST)  # dL/dy = dout * silu(z)
+    y = tl.zeros_like(dt)  # sum_n C h (for dz)
+    s_lamB = tl.zeros_like(dt)  # sum_n lam B
+    s_lamAah = tl.zeros_like(dt)  # sum_n lam A a h_{t-1}
+
+    in_ptrs, in_stride, in_mask = _entry_state(k, bi, c, mask_d, h0_ptr, saved_ptr, dim, dstate, nchunks,
+                                               s_hb, s_hd, s_hn, HAS_H0)
+    # lam carry: dL/dh_T into the last chunk, else a_0 lam_0 of the chunk after. Two buffers used
+    # alternately (chunk 0 writes dh0's), so no lane overwrites a carry another lane has yet to read.
+    slab = dim * dstate
+    st_off = c.to(tl.int64) * dstate
+    last = k == nchunks - 1
+    lam_buf = tl.where((k + 1) % 2 == 0, dh0_ptr, carry_ptr) + bi * slab + st_off
+    lam_in = tl.where(last, dhT_ptr + bi * s_gb + c * s_gd, lam_buf)
+    lam_in_stride = tl.where(last, s_gn, 1)
+    if HAS_DHT:
+        lam_in_mask = mask_d
+    else:
+        lam_in_mask = mask_d & (k < nchunks - 1)
+    lam_out = tl.where(k % 2 == 0, dh0_ptr, carry_ptr) + bi * slab + st_off
+    if HAS_H0:
+        mu_mask = mask_d
+    else:  # no dh0 wanted: chunk 0 stores nothing
+        mu_mask = mask_d & (k > 0)
+    dBC_ptrs = (bi * ngroups + grp) * dstate * seqlen + t  # dB, dC are contiguous (b, g, n, l)
+    B_ptrs = B_ptr + bi * s_Bb + grp * s_Bg + t * s_Bl
+    C_ptrs = C_ptr + bi * s_Cb + grp * s_Cg + t * s_Cl
+    for j in range(dstate):
+        Aj = tl.load(A_ptr + c * s_Ad + j * s_An, mask=mask_d, other=0.0).to(ACC)
+        if MASKED:
+            Bj = tl.load(B_ptrs + j * s_Bn, mask=mask_t, other=0.0).to(ACC)
+            Cj = tl.load(C_ptrs + j * s_Cn, mask=mask_t, other=0.0).to(ACC)
+        else:
+            Bj = tl.load(B_ptrs + j * s_Bn).to(ACC)
+            Cj = tl.load(C_ptrs + j * s_Cn).to(ACC)
+        a = _ex2(dt * (Aj * LOG2E)[:, None], FAST)
+        if MASKED:
+            a = tl.where(mask, a, 1.0)
+        bx = dtu * Bj[None, :]
+        h_in = tl.load(in_ptrs + j * in_stride, mask=in_mask, other=0.0).to(ACC)
+        h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)  # the states, recomputed
+        y += Cj[None, :] * h
+
+        # lam_t = g_t + a_{t+1} lam_{t+1}, g_t = gy_t C_t; the carry enters at the last step
+        g = gy * Cj[None, :]
+        lam_c = tl.load(lam_in + j * lam_in_stride, mask=lam_in_mask, other=0.0).to(ACC)
+        g = tl.where(tt[None, :] == L - 1, g + lam_c[:, None], g)
+        lam = _reverse_scan(a, g, tt, L, ITEMS, FAST)
+        _store_step(lam_out + j, a * lam, mu_mask, tt, 0, L, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
+
+        ah = h - bx  # a_t h_{t-1}
+        lam_ah = lam * ah
+        s_lamB += lam * Bj[None, :]
+        s_lamAah += Aj[:, None] * lam_ah
+        tl.atomic_add(dA_ptr + c * s_Ad + j * s_An, tl.sum(dt * lam_ah, axis=1), mask=mask_d, sem="relaxed")
+        if MASKED:
+            tl.atomic_add(dB_ptr + dBC_ptrs + j * seqlen, tl.sum(lam * dtu, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_ptrs + j * seqlen, tl.sum(gy * h, axis=0), mask=mask_t, sem="relaxed")
+        else:
+            _atomic_add_row(dB_ptr + dBC_ptrs + j * seqlen, tl.sum(lam * dtu, axis=0), VEC_ATOMICS, ITEMS)
+            _atomic_add_row(dC_ptr + dBC_ptrs + j * seqlen, tl.sum(gy * h, axis=0), VEC_ATOMICS, ITEMS)
+
+    # what the state loop did not need is loaded again (L1 / L2) rather than kept in registers
+    bdl = (bi * dim + c[:, None]) * seqlen + t[None, :]  # du, ddelta, dz are contiguous (b, d, l)
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(ACC)
+    du = dt * s_lamB
+    if HAS_D:
+        y += Dv[:, None] * u
+        du += Dv[:, None] * gy
+        dD_acc += tl.sum(gy * u, axis=1)
+    tl.store(du_ptr + bdl, du.to(du_ptr.dtype.element_ty), mask=mask)
+    if HAS_Z:
+        dout = tl.load(dout_ptrs, mask=mask, other=0.0).to(ACC)
+        zv = tl.load(z_ptrs, mask=mask, other=0.0).to(ACC)
+        sig_z = _sigmoid(zv, FAST)
+        dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))  # d/dz [y z sigmoid(z)]
+        tl.store(dz_ptr + bdl, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    ddelta = u * s_lamB + s_lamAah  # dL/d dt
+    if SOFTPLUS:
+        x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            x += bias[:, None]
+        ddelta *= _sigmoid(x, FAST)
+    if MASKED:
+        ddelta = tl.where(mask, ddelta, 0.0)
+    dbias_acc += tl.sum(ddelta, axis=1)
+    tl.store(ddelta_ptr + bdl, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask)
+    return dD_acc, dbias_acc
+
+
+@triton.autotune(configs=_configs("bwd"), key=["dim", "dstate", "seqlen", "HAS_Z", "L"],
+                 prune_configs_by={"early_config_prune": _pruner()},
                  reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"])
 @triton.jit
 def _bwd_kernel(
-    dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, saved_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, saved_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr, carry_ptr,
     dim, dstate, seqlen, nchunks, ngroups,
-    s_ob, s_od, s_ol, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_gb, s_gd, s_gn,
+    s_ob, s_od, s_ol, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_D, s_bias,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn, s_gb, s_gd, s_gn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, T: tl.constexpr,
+    HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC_ATOMICS: tl.constexpr,
 ):
     dpg = dim // ngroups
-    ntiles = tl.cdiv(dpg, BLOCK_D)  # 1-D grid: channel tiles fastest, so tiles sharing B, C run together
+    ntiles = tl.cdiv(dpg, BLOCK_D)
     pid = tl.program_id(0)
     bi = (pid // (ntiles * ngroups)).to(tl.int64)
     grp = (pid // ntiles) % ngroups
     cg = (pid % ntiles) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cg < dpg
-    c = (grp * dpg + cg).to(tl.int64)
-    nn = tl.arange(0, BLOCK_N)
-    tt = tl.arange(0, T)
-
-    dout_ptrs = dout_ptr + bi * s_ob + c[:, None] * s_od + tt[None, :] * s_ol
-    u_ptrs = u_ptr + bi * s_ub + c[:, None] * s_ud + tt[None, :] * s_ul
-    delta_ptrs = delta_ptr + bi * s_db + c[:, None] * s_dd + tt[None, :] * s_dl
-    z_ptrs = z_ptr + bi * s_zb + c[:, None] * s_zd + tt[None, :] * s_zl
-    bdl_off = (bi * dim + c[:, None]) * seqlen + tt[None, :]  # du, ddelta, dz are contiguous
-    B_base = B_ptr + bi * s_Bb + grp * s_Bg
-    C_base = C_ptr + bi * s_Cb + grp * s_Cg
-    dBC_off = (bi * ngroups + grp) * dstate * seqlen  # dB, dC are contiguous (b, g, n, l)
-    state_off = c[:, None] * dstate + nn[None, :]
-    slab = (bi * 0 + dim) * dstate  # one (d, n) state slab, int64: nchunks * d * n may pass 2^31
-    saved_b = saved_ptr + bi * nchunks * slab
-    lam_b = dh0_ptr + bi * slab  # with NB > 1, lam carries live here until dh0 overwrites them
-
-    bias = tl.load(bias_ptr + c, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
-    Dv = tl.load(D_ptr + c, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
-
-    # lam carry = dL/dh at the first step of the chunk after the current one; dL/dh_T to start
-    lam = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-    dA_acc = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-    for j in range(NB):
-        n_idx = j * BLOCK_N + nn
-        mask_dn = mask_d[:, None] & (n_idx < dstate)[None, :]
-        g_T = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-        if HAS_DHT:
-            g_T = tl.load(dhT_ptr + bi * s_gb + c[:, None] * s_gd + n_idx[None, :] * s_gn,
-                          mask=mask_dn, other=0.0).to(ACC)
-        if NB == 1:
-            lam = g_T
-        else:
-            tl.store(lam_b + state_off + j * BLOCK_N, g_T, mask=mask_dn)
-    if NB > 1:
-        tl.debug_barrier()
-
+    c = grp * dpg + cg
+    tt = tl.arange(0, L)
+    bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
     dD_acc = tl.zeros([BLOCK_D], ACC)
     dbias_acc = tl.zeros([BLOCK_D], ACC)
-    for kk in range(nchunks):
-        k = nchunks - 1 - kk
-        t = k * T + tt
-        mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptrs + k * T * s_ul, mask=mask_dt, other=0.0).to(ACC)
-        dout = tl.load(dout_ptrs + k * T * s_ol, mask=mask_dt, other=0.0).to(ACC)
-        dt, x = _dt(delta_ptrs + k * T * s_dl, mask_dt, bias, ACC, HAS_BIAS, SOFTPLUS)
-        # dt_{t+1}: 0 at t = l - 1 and past it, so a_{t+1} = 1 there and lam_{l-1} = gy C + dL/dh_T
-        mask_next = mask_d[:, None] & (t + 1 < seqlen)[None, :]
-        dt_next = _dt(delta_ptrs + (k * T + 1) * s_dl, mask_next, bias, ACC, HAS_BIAS, SOFTPLUS)[0]
-        dtu = dt * u
-        gy = dout  # dL/dy
-        if HAS_Z:
-            zv = tl.load(z_ptrs + k * T * s_zl, mask=mask_dt, other=0.0).to(ACC)
-            sig_z = tl.sigmoid(zv)
-            gy = dout * zv * sig_z
-
-        y = tl.zeros([BLOCK_D, T], ACC)
-        lamB = tl.zeros([BLOCK_D, T], ACC)  # sum_n lam_t[n] B_t[n]
-        ddt = tl.zeros([BLOCK_D, T], ACC)  # dL/d dt_t
-        for j in range(NB):
-            n_idx = j * BLOCK_N + nn
-            mask_n = n_idx < dstate
-            mask_dn = mask_d[:, None] & mask_n[None, :]
-            mask_nt = mask_n[:, None] & mask_t[None, :]
-            A = tl.load(A_ptr + c[:, None] * dstate + n_idx[None, :], mask=mask_dn, other=0.0).to(ACC)
-            Bt = tl.load(B_base + n_idx[:, None] * s_Bn + t[None, :] * s_Bl, mask=mask_nt, other=0.0).to(ACC)
-            Ct = tl.load(C_base + n_idx[:, None] * s_Cn + t[None, :] * s_Cl, mask=mask_nt, other=0.0).to(ACC)
-            h_in = tl.load(saved_b + k * slab + state_off + j * BLOCK_N, mask=mask_dn, other=0.0)
-            hs = _states(h_in, A, dt, dtu, Bt)
-            y += tl.sum(Ct[None, :, :] * hs, axis=1)
-
-            # lam_t = gy_t C_t + a_{t+1} lam_{t+1}: a reverse scan seeded with the carry
-            if NB > 1:
-                lam = tl.load(lam_b + state_off + j * BLOCK_N, mask=mask_dn, other=0.0)
-            a_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
-            a_rcum, lam_loc = tl.associative_scan((a_next, gy[:, None, :] * Ct[None, :, :]), axis=2,
-                                                  combine_fn=_combine, reverse=True)
-            lam_t = a_rcum * lam[:, :, None] + lam_loc
-            lam = _at(lam_t, tt, 0)
-            if NB > 1:
-                tl.store(lam_b + state_off + j * BLOCK_N, lam, mask=mask_dn)
-
-            # dB = sum_c lam dt u, dC = sum_c gy h: reduced over the channel tile, then atomics
-            dBC_idx = dBC_off + n_idx[:, None] * seqlen + t[None, :]
-            tl.atomic_add(dB_ptr + dBC_idx, tl.sum(lam_t * dtu[:, None, :], axis=0), mask=mask_nt)
-            tl.atomic_add(dC_ptr + dBC_idx, tl.sum(gy[:, None, :] * hs, axis=0), mask=mask_nt)
-
-            lam_Bt = lam_t * Bt[None, :, :]
-            ah_prev = hs - dtu[:, None, :] * Bt[None, :, :]  # a_t h_{t-1} = h_t - dt_t B_t u_t
-            lamB += tl.sum(lam_Bt, axis=1)
-            ddt += tl.sum(lam_t * A[:, :, None] * ah_prev, axis=1)
-            dA_j = tl.sum(lam_t * dt[:, None, :] * ah_prev, axis=2)  # dA = sum_t dt lam a h_{t-1}
-            if NB == 1:
-                dA_acc += dA_j
-            else:
-                tl.atomic_add(dA_ptr + c[:, None] * dstate + n_idx[None, :], dA_j, mask=mask_dn)
-
-        ddt += lamB * u
-        du = dt * lamB
-        if HAS_D:
-            y += Dv[:, None] * u
-            du += Dv[:, None] * gy
-            dD_acc += tl.sum(gy * u, axis=1)
-        if HAS_Z:
-            dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))  # d/dz [y z sigmoid(z)]
-            tl.store(dz_ptr + bdl_off + k * T, dz.to(dz_ptr.dtype.element_ty), mask=mask_dt)
-        ddelta = ddt
-        if SOFTPLUS:
-            ddelta = ddt * tl.sigmoid(x)
-        ddelta = tl.where(mask_dt, ddelta, 0.0)
-        dbias_acc += tl.sum(ddelta, axis=1)
-        tl.store(du_ptr + bdl_off + k * T, du.to(du_ptr.dtype.element_ty), mask=mask_dt)
-        tl.store(ddelta_ptr + bdl_off + k * T, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_dt)
-        if NB > 1:
-            tl.debug_barrier()  # the lam carries stored above are read by the next chunk
-
-    if HAS_H0:  # dh0 = a_0 lam_0
-        dt0 = _dt(delta_ptrs, mask_d[:, None] & (tt == 0)[None, :], bias, ACC, HAS_BIAS, SOFTPLUS)[0]
-        dt0 = tl.sum(dt0, axis=1)
-        for j in range(NB):
-            n_idx = j * BLOCK_N + nn
-            mask_dn = mask_d[:, None] & (n_idx < dstate)[None, :]
-            A = tl.load(A_ptr + c[:, None] * dstate + n_idx[None, :], mask=mask_dn, other=0.0).to(ACC)
-            if NB > 1:
-                lam = tl.load(lam_b + state_off + j * BLOCK_N, mask=mask_dn, other=0.0)
-            tl.store(lam_b + state_off + j * BLOCK_N, tl.exp(dt0[:, None] * A) * lam, mask=mask_dn)
-    if NB == 1:
-        tl.atomic_add(dA_ptr + state_off, dA_acc, mask=mask_d[:, None] & (nn < dstate)[None, :])
+    nfull = seqlen // L
+    if nfull < nchunks:  # the partial chunk is the last one: it goes first
+        dD_acc, dbias_acc = _bwd_chunk(
+            nfull, nfull * L, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+            dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
+            du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
+            dim, dstate, seqlen, nchunks, ngroups,
+            s_ob, s_od, s_ol, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+            s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn, s_gb, s_gd, s_gn,
+            HAS_D, HAS_Z, HAS_BIAS, HAS_H0, HAS_DHT, SOFTPLUS, ACC, FAST, True, L, ITEMS, VEC_ATOMICS)
+        tl.debug_barrier()  # the carry stored above is read by the chunk before
+    for kk in range(nfull):
+        k = nfull - 1 - kk
+        dD_acc, dbias_acc = _bwd_chunk(
+            k, k * L, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+            dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
+            du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
+            dim, dstate, seqlen, nchunks, ngroups,
+            s_ob, s_od, s_ol, s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
+            s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn, s_gb, s_gd, s_gn,
+            HAS_D, HAS_Z, HAS_BIAS, HAS_H0, HAS_DHT, SOFTPLUS, ACC, FAST, False, L, ITEMS, VEC_ATOMICS)
+        tl.debug_barrier()
     if HAS_D:
-        tl.atomic_add(dD_ptr + c, dD_acc, mask=mask_d)
+        tl.atomic_add(dD_ptr + c, dD_acc, mask=mask_d, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + c, dbias_acc, mask=mask_d)
+        tl.atomic_add(dbias_ptr + c, dbias_acc, mask=mask_d, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- host side
 
-def _plan(d_state, seqlen):
-    """(BLOCK_N, NB, T, nchunks): states per block, state blocks, chunk length, chunks."""
-    block_n = min(MAX_BLOCK_N, max(2, triton.next_power_of_2(d_state)))
-    t = min(64, max(16, triton.next_power_of_2(seqlen)))
-    return block_n, triton.cdiv(d_state, block_n), t, triton.cdiv(seqlen, t)
+def _items(dtype):
+    """Steps per lane: one 16-byte vector of the input dtype (what the coalesced loads give)."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _plan(dtype, seqlen):
+    """(ITEMS, L, nchunks): steps per lane, chunk length, chunks."""
+    items = _items(dtype)
+    chunk = INTERPRET_CHUNK if _INTERPRET else LANES * items
+    return items, chunk, triton.cdiv(seqlen, chunk)
 
 
 def _acc(u):
@@ -392,31 +672,37 @@ def _tl_acc(acc):
     return tl.float64 if acc == torch.float64 else tl.float32
 
 
+def _fast(u):
+    """Single-instruction approximate math and the one-shuffle shift: compiled fp16/bf16/fp32 only."""
+    return not _INTERPRET and u.dtype != torch.float64
+
+
 def _strides(x, ndim):
     return x.stride() if x is not None else (0,) * ndim
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
     """u, delta, z: (b, d, l); A: (d, n); B, C: (b, g, n, l); D, delta_bias: (d,); h0: (b, d, n).
-    Returns out (b, d, l) in u's dtype, h_T (b, d, n) fp32 and saved (b, nchunks, d, n): the states
-    entering each chunk of the kernel, for the backward."""
+    Returns out (b, d, l) in u's dtype, h_T (b, d, n) fp32 and saved (b, nchunks - 1, d, n): the
+    states entering chunks 1.., for the backward (empty when l fits one chunk)."""
     b, d, l = u.shape
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
-    block_n, nb, t, nchunks = _plan(n, l)
-    A = A.contiguous()
+    items, chunk, nchunks = _plan(u.dtype, l)
     out = torch.empty((b, d, l), dtype=u.dtype, device=u.device)
     h_T = torch.empty((b, d, n), dtype=acc, device=u.device)
-    saved = torch.empty((b, nchunks, d, n), dtype=acc, device=u.device)
+    saved = torch.empty((b, nchunks - 1, d, n), dtype=acc, device=u.device)
+    A = A.contiguous()
     grid = lambda meta: (triton.cdiv(d // g, meta["BLOCK_D"]) * b * g,)  # noqa: E731
     _fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
         delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
-        out, h_T, saved,
+        out, h_T, saved if saved.numel() else h_T,
         d, n, l, nchunks, g,
-        *u.stride(), *delta.stride(), *_strides(z, 3), *B.stride(), *C.stride(), *_strides(h0, 3),
+        *u.stride(), *delta.stride(), *_strides(z, 3), *A.stride(), *_strides(D, 1), *_strides(delta_bias, 1),
+        *B.stride(), *C.stride(), *_strides(h0, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), BLOCK_N=block_n, NB=nb, T=t,
+        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u), L=chunk, ITEMS=items,
     )
     return out, h_T, saved
 
@@ -427,32 +713,35 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
     b, d, l = u.shape
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
-    block_n, nb, t, nchunks = _plan(n, l)
-    assert saved.shape == (b, nchunks, d, n), f"saved: expected {(b, nchunks, d, n)}, got {tuple(saved.shape)}"
-    A = A.contiguous()
+    items, chunk, nchunks = _plan(u.dtype, l)
+    assert saved.shape == (b, nchunks - 1, d, n), f"saved: expected {(b, nchunks - 1, d, n)}, got {tuple(saved.shape)}"
     dev = u.device
     du = torch.empty((b, d, l), dtype=u.dtype, device=dev)
     ddelta = torch.empty((b, d, l), dtype=delta.dtype, device=dev)
     dz = torch.empty((b, d, l), dtype=z.dtype, device=dev) if z is not None else None
+    A = A.contiguous()
     dA = torch.zeros((d, n), dtype=acc, device=dev)
     dB = torch.zeros((b, g, n, l), dtype=acc, device=dev)
     dC = torch.zeros((b, g, n, l), dtype=acc, device=dev)
     dD = torch.zeros((d,), dtype=acc, device=dev) if D is not None else None
     dbias = torch.zeros((d,), dtype=acc, device=dev) if delta_bias is not None else None
-    dh0 = torch.empty((b, d, n), dtype=acc, device=dev)  # also the lam carry buffer when NB > 1
+    dh0 = torch.empty((b, d, n), dtype=acc, device=dev)  # also one of the two lam carry buffers
+    carry = torch.empty((b, d, n), dtype=acc, device=dev) if nchunks > 1 else dh0
     grid = lambda meta: (triton.cdiv(d // g, meta["BLOCK_D"]) * b * g,)  # noqa: E731
     _bwd_kernel[grid](
         dout, dh_T if dh_T is not None else dout, u, delta, A, B, C,
         D if D is not None else u, z if z is not None else u,
-        delta_bias if delta_bias is not None else u, saved,
+        delta_bias if delta_bias is not None else u, h0 if h0 is not None else u,
+        saved if saved.numel() else dh0,
         du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
-        dbias if dbias is not None else dA, dh0,
+        dbias if dbias is not None else dA, dh0, carry,
         d, n, l, nchunks, g,
-        *dout.stride(), *u.stride(), *delta.stride(), *_strides(z, 3),
-        *B.stride(), *C.stride(), *_strides(dh_T, 3),
+        *dout.stride(), *u.stride(), *delta.stride(), *_strides(z, 3), *dA.stride(),
+        *_strides(D, 1), *_strides(delta_bias, 1),
+        *B.stride(), *C.stride(), *_strides(h0, 3), *_strides(dh_T, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        HAS_DHT=dh_T is not None, SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc),
-        BLOCK_N=block_n, NB=nb, T=t,
+        HAS_DHT=dh_T is not None, SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u),
+        L=chunk, ITEMS=items, VEC_ATOMICS=_fast(u) and l % 4 == 0,  # rows of dB, dC 16-byte aligned
     )
     return (
         du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),

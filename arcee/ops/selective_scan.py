@@ -60,16 +60,21 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, h0):
     if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != d:
         got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
         raise ValueError(f"A must have shape (d, n) = ({d}, n), got {got}")
+    if A.is_complex():
+        raise ValueError(f"complex A is not supported (got {A.dtype}): arcee's scan is the real (S4D-real / "
+                         "Mamba) one; pass A as real float32")
     _dtype("A", A, _PARAM_DTYPES, "real float32 (or float64)")
     n = A.shape[1]
     if not 1 <= n <= MAX_D_STATE:
         raise ValueError(f"A must have shape (d, n) with 1 <= n (d_state) <= {MAX_D_STATE}, got n = {n}")
     for name, x in (("B", B), ("C", C)):
-        if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+        if not isinstance(x, Tensor) or x.dim() not in (2, 3, 4):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"{name} must have shape (b, g, n, l) or (b, n, l), got {got}")
-    B = B.unsqueeze(1) if B.dim() == 3 else B
-    C = C.unsqueeze(1) if C.dim() == 3 else C
+            raise ValueError(f"{name} must have shape (b, g, n, l), (b, n, l) or (d, n), got {got}")
+    per_channel = B.dim() == 2 or C.dim() == 2
+    B, C = (_constant_as_grouped(name, x, u, n) for name, x in (("B", B), ("C", C)))
+    if per_channel:  # a constant (d, n) is one group per channel: the other becomes so too
+        B, C = (x.expand(b, d, n, l) if x.shape[1] == 1 else x for x in (B, C))
     g = B.shape[1]
     if g < 1 or d % g:
         raise ValueError(f"B must have shape (b, g, n, l) with d = {d} divisible by g, got g = {g}")
@@ -92,6 +97,21 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, h0):
             raise DeviceMismatchError(f"{name} is on {x.device} but u is on {u.device}: all tensors must "
                                       "be on one device")
     return B, C
+
+
+def _constant_as_grouped(name, x, u, n):
+    """mamba_ssm's drop-in forms as (b, g, n, l) views: (b, n, l) is g = 1; a constant (d, n) is
+    one group per channel, the same at every step and batch element (a stride-0 view, cast to u's
+    dtype; autograd sums its gradient back to (d, n))."""
+    b, d, l = u.shape
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() == 2:
+        if tuple(x.shape) != (d, n):
+            raise ValueError(f"{name} must have shape (b, g, n, l), (b, n, l) or, constant, (d, n) = {(d, n)}; "
+                             f"got {tuple(x.shape)}")
+        return x.to(u.dtype).t().reshape(1, d, n, 1).expand(b, d, n, l)
+    return x
 
 
 def _interpreting() -> bool:
@@ -202,7 +222,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Selective scan with a differentiable initial and final state (drop-in for mamba_ssm's).
 
     u, delta, z: (b, d, l) fp16/bf16/fp32/fp64; A: (d, n) fp32, 1 <= n <= 256;
-    B, C: (b, g, n, l) or (b, n, l) in u's dtype, d % g == 0; D, delta_bias: (d,) fp32;
+    B, C: (b, g, n, l) or (b, n, l) in u's dtype, d % g == 0, or a constant (d, n) (mamba_ssm's
+    form; cast to u's dtype); D, delta_bias: (d,) fp32 (any strides); A real (complex is refused);
     initial_state: (b, d, n) fp32 or None (zeros).
     backend: "reference", "cpu", "triton" or None (triton for CUDA tensors, cpu for CPU tensors).
     Returns out (b, d, l) in u's dtype, and h_T (b, d, n) fp32 (fp64 for fp64 inputs) when
