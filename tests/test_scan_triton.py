@@ -346,6 +346,27 @@ def test_complex_A_is_refused_clearly():
 
 # ----------------------------------------------------------------------------- the GPU-only PTX, on CPU
 
+@pytest.mark.parametrize("items", [8, 4])
+def test_forward_scan_ptx_matches_a_float64_loop(st, items):
+    """The kernels' hand-written forward scan (GPU only) run instruction by instruction here:
+    h_t = a_t h_{t-1} + b_t over 32 lanes x items steps from h_{-1} = h_in."""
+    rng = np.random.default_rng(1)
+    L, h_in = 32 * items, np.float32(0.7)
+    a = rng.uniform(0.3, 1.0, L).astype(np.float32)
+    b = rng.standard_normal(L).astype(np.float32)
+    ops = [{**{f"${items + i}": a[lane * items + i] for i in range(items)},
+            **{f"${2 * items + i}": b[lane * items + i] for i in range(items)}, f"${3 * items}": h_in}
+           for lane in range(32)]
+    lanes = _Lanes(ops)
+    lanes.run(st.forward_scan_ptx(items))
+    got = np.array([lanes.regs[t // items][f"${t % items}"] for t in range(L)], dtype=np.float64)
+    want, h = np.zeros(L), np.float64(h_in)
+    for t in range(L):
+        h = a[t] * h + b[t]
+        want[t] = h
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+
+
 class _Lanes:
     """A tiny interpreter for the PTX subset of scan_triton.reverse_scan_ptx, over 32 lanes."""
 
@@ -371,13 +392,22 @@ class _Lanes:
             if pred:
                 neg, name = pred[1] == "!", pred.lstrip("@!")
                 lanes = [ln for ln in lanes if self.regs[ln][name] != neg]
-            if op == "shfl.sync.down.b32":  # d|p, a, delta, clamp, mask
+            if op in ("shfl.sync.down.b32", "shfl.sync.up.b32"):  # d|p, a, delta, clamp, mask
                 dst, p, src, delta = args[0], args[1], args[2], int(args[3])
+                delta = delta if op == "shfl.sync.down.b32" else -delta
                 snap = [self.val(ln, src) for ln in range(32)]
                 for ln in lanes:
-                    ok = ln + delta < 32
+                    ok = 0 <= ln + delta < 32
                     self.regs[ln][dst] = snap[ln + delta] if ok else snap[ln]
                     self.regs[ln][p] = ok
+                continue
+            if op == "mov.u32" and args[1] == "%laneid":
+                for ln in lanes:
+                    self.regs[ln][args[0]] = ln
+                continue
+            if op == "setp.eq.u32":
+                for ln in lanes:
+                    self.regs[ln][args[0]] = self.regs[ln][args[1]] == int(args[2])
                 continue
             for ln in lanes:
                 v = [self.val(ln, a) for a in args[1:]]
