@@ -5,11 +5,46 @@
 """
 import json
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from arcee.errors import require, run_main, typed_config
+
+
+@dataclass
+class EvaluateArgs:
+    """The types of configs/evaluate.yaml's keys (their defaults and meaning live there)."""
+
+    samples: Any = MISSING
+    ckpt: Any = MISSING
+    real: Optional[str] = MISSING
+    num_samples: int = MISSING
+    use_ema: bool = MISSING
+    seed: int = MISSING
+    sampler: Optional[str] = MISSING
+    steps: Optional[int] = MISSING
+    atol: Optional[float] = MISSING
+    rtol: Optional[float] = MISSING
+    cfg_scale: Optional[float] = MISSING
+    class_label: Optional[int] = MISSING
+    mode: str = MISSING
+    feature_extractor: str = MISSING
+    resize: bool = MISSING
+    kid: bool = MISSING
+    kid_subsets: int = MISSING
+    kid_subset_size: int = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    cache_dir: Optional[str] = MISSING
+    device: Optional[str] = MISSING
+    out: str = MISSING
+    tf32: bool = MISSING
 
 
 def _as_list(v) -> list:
@@ -33,13 +68,29 @@ def _default_real(samples: list, ckpts: list):
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> list:
+    from arcee.io import check_writable
     from arcee.metrics import Evaluator, write_table
+    from arcee.metrics.fid import sample_images
+    from arcee.sample.generate import check_sampling_args
+    from arcee.sample.loading import _resolve
 
+    cfg = typed_config(cfg, EvaluateArgs)
     samples, ckpts = _as_list(cfg.samples), _as_list(cfg.ckpt)
     if not samples and not ckpts:
         raise ValueError("nothing to evaluate: pass samples=<folder> (or a list) and/or ckpt=<checkpoint> (or a list)")
+    # every input and the output are checked before anything is scored
+    out = Path(os.path.abspath(cfg.out))
+    check_writable(out.with_suffix(".json"), "out")
+    for s in samples:
+        sample_images(s)
+    if ckpts:
+        require(cfg.num_samples >= 2, "num_samples", cfg.num_samples, ">= 2 for FID/KID in generator mode (ckpt=)")
+        check_sampling_args(seed=cfg.seed, sampler=cfg.sampler, steps=cfg.steps, atol=cfg.atol, rtol=cfg.rtol,
+                            cfg_scale=cfg.cfg_scale, class_label=cfg.class_label)
+        for c in ckpts:
+            _resolve(Path(c), use_ema=cfg.use_ema)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
-    real = cfg.real or _default_real(samples, ckpts)
+    real = cfg.real if cfg.real is not None else _default_real(samples, ckpts)
     ev = Evaluator(real, mode=cfg.mode, feature_extractor=cfg.feature_extractor, resize=cfg.resize,
                    cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                    device=cfg.device, kid=cfg.kid, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
@@ -56,10 +107,16 @@ def main(cfg: DictConfig) -> list:
         r = ev.checkpoint(c, cfg.num_samples, use_ema=cfg.use_ema, seed=cfg.seed, **sampler_kwargs)
         rows.append({"name": str(c), "kind": "checkpoint", **r, **common, **sampler_kwargs, "seed": cfg.seed})
         print(json.dumps(rows[-1]))
-    paths = write_table(rows, os.path.abspath(cfg.out))
+    try:
+        paths = write_table(rows, out)
+    except OSError as e:  # e.g. the disk filled up while scoring: keep the table elsewhere
+        fallback = Path(tempfile.mkdtemp(prefix="arcee-evaluate-")) / out.name
+        write_table(rows, fallback)
+        raise OSError(f"out={str(out)!r}: cannot write the table ({e}); it was written to {fallback}.json "
+                      f"and .csv instead") from e
     print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: one line on stderr, exit 2 (HYDRA_FULL_ERROR=1: the traceback)

@@ -5,10 +5,36 @@
 """
 import json
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
+
+from arcee.errors import require, run_main, typed_config
+
+
+@dataclass
+class SampleArgs:
+    """The types of configs/sample.yaml's keys (their defaults and meaning live there)."""
+
+    ckpt: str = MISSING
+    use_ema: bool = MISSING
+    out_dir: str = MISSING
+    num_samples: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    sampler: Optional[str] = MISSING
+    steps: Optional[int] = MISSING
+    atol: Optional[float] = MISSING
+    rtol: Optional[float] = MISSING
+    cfg_scale: Optional[float] = MISSING
+    class_label: Optional[int] = MISSING
+    grid: int = MISSING
+    npz: bool = MISSING
+    tf32: bool = MISSING
+    progress: bool = MISSING
 
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
@@ -16,8 +42,13 @@ def main(cfg: DictConfig) -> dict:
     from accelerate import PartialState
 
     from arcee.sample import ImageSampler, export_npz, load_generator, make_grid, read_folder, read_step, sample_folder
-    from arcee.sample.generate import save_png
+    from arcee.sample.generate import check_sampling_args, save_png
 
+    cfg = typed_config(cfg, SampleArgs, {"ckpt": "a training checkpoint folder or an exported .safetensors",
+                                         "out_dir": "the folder to write the PNGs to"})
+    check_sampling_args(seed=cfg.seed, sampler=cfg.sampler, steps=cfg.steps, atol=cfg.atol, rtol=cfg.rtol,
+                        cfg_scale=cfg.cfg_scale, class_label=cfg.class_label)
+    require(cfg.grid >= 0, "grid", cfg.grid, "an integer >= 0 (0: no grid)")
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo ranks without GPUs
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     ckpt = os.path.abspath(cfg.ckpt)
@@ -38,4 +69,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: one line on stderr, exit 2 (HYDRA_FULL_ERROR=1: the traceback)

@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 import arcee.train  # registers the config schema (arcee_schema) in Hydra's ConfigStore
+from arcee.errors import run_main
 
 if int(os.environ.get("RANK", "0")) > 0:  # only rank 0 writes Hydra's .hydra/ folder and log file
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -25,4 +26,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user error: one line on stderr, exit 2 (HYDRA_FULL_ERROR=1: the traceback)

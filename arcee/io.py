@@ -59,3 +59,20 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def atomic_write_text(path, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode())
+
+
+def check_writable(path, key: str) -> Path:
+    """Fail now, naming the argument `key`, when no file can be written at `path` (its folder is
+    created when missing); used before long work whose result goes to `path`. Returns `path`."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{key}={str(path)!r}: {str(path.parent)!r} is a file, not a folder; "
+                                 f"pass a writable {key}=")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise OSError(f"{key}={str(path)!r}: cannot write to {str(path.parent)!r} ({e.strerror or e}); "
+                      f"pass a writable {key}=") from e
+    return path

@@ -178,7 +178,7 @@ def test_folder_guards(tmp_path, generator):
         sample_folder(ImageSampler(model, cfg, seed=1), out, 4, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="index >= num_samples=2"):
         sample_folder(ImageSampler(model, cfg, seed=0), out, 2, batch_size=4, progress=False)
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         sample_folder(ImageSampler(model, cfg), tmp_path / "x", 0)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from arcee.errors import is_int, require
 from arcee.io import atomic_path, atomic_write_text
 
 _PNG = re.compile(r"^(\d{6,})\.png$")
@@ -49,6 +51,26 @@ def draw_inputs(indices, shape, num_classes: int, seed: int, class_label: int | 
         if num_classes > 0:
             ys.append(torch.tensor(int(g.integers(num_classes)) if class_label is None else class_label))
     return torch.stack(xs), (torch.stack(ys) if ys else None)
+
+
+def check_sampling_args(*, seed=0, sampler=None, steps=None, atol=None, rtol=None, cfg_scale=None,
+                        class_label=None) -> None:
+    """The sampling arguments of sample.py / evaluate.py (None: the checkpoint's flow node); raises
+    ValueError naming the first bad one. Called before anything is loaded or written."""
+    from arcee.flow import SAMPLERS
+
+    number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+    require(is_int(seed) and seed >= 0, "seed", seed, "an integer >= 0")
+    require(sampler is None or sampler in SAMPLERS, "sampler", sampler,
+            f"one of {list(SAMPLERS)} (null: the checkpoint's flow.sampler)")
+    require(steps is None or is_int(steps) and steps >= 1, "steps", steps,
+            "an integer >= 1 (null: the checkpoint's flow.steps)")
+    for key, v in (("atol", atol), ("rtol", rtol)):
+        require(v is None or number(v) and v > 0, key, v, f"a number > 0 (null: the checkpoint's flow.{key})")
+    require(cfg_scale is None or number(cfg_scale) and math.isfinite(cfg_scale), "cfg_scale", cfg_scale,
+            "a finite number (null: the checkpoint's flow.cfg_scale)")
+    require(class_label is None or is_int(class_label) and class_label >= 0, "class_label", class_label,
+            "an integer >= 0, or null to draw labels from (seed, i)")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -77,9 +99,12 @@ class ImageSampler:
         self.num_classes = int(cfg.model.get("num_classes", data.get("num_classes", 0)) or 0)
         self.transport = build_transport(cfg.flow)
         tr = self.transport
-        self.solver = {"sampler": sampler or tr.sampler, "steps": int(steps or tr.steps),
-                       "atol": float(atol or tr.atol), "rtol": float(rtol or tr.rtol)}
-        self.cfg_scale = float(tr.cfg_scale if cfg_scale is None else cfg_scale)
+        check_sampling_args(seed=seed, sampler=sampler, steps=steps, atol=atol, rtol=rtol, cfg_scale=cfg_scale,
+                            class_label=class_label)
+        pick = lambda value, default: default if value is None else value  # None only: 0 is an error, not "unset"
+        self.solver = {"sampler": pick(sampler, tr.sampler), "steps": int(pick(steps, tr.steps)),
+                       "atol": float(pick(atol, tr.atol)), "rtol": float(pick(rtol, tr.rtol))}
+        self.cfg_scale = float(pick(cfg_scale, tr.cfg_scale))
         if class_label is not None and not 0 <= class_label < self.num_classes:
             raise ValueError(f"class_label={class_label} needs a conditional model with more classes "
                              f"(data.num_classes={self.num_classes})")
@@ -169,10 +194,8 @@ def sample_folder(sampler: ImageSampler, out_dir, num_samples: int, batch_size: 
     from accelerate.utils import gather_object
     from tqdm import tqdm
 
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    require(is_int(num_samples) and num_samples >= 1, "num_samples", num_samples, "an integer >= 1")
+    require(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "an integer >= 1 (per process)")
     state = state or PartialState(cpu=not torch.cuda.is_available())  # cpu: gloo ranks without GPUs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +240,11 @@ def sample_folder(sampler: ImageSampler, out_dir, num_samples: int, batch_size: 
 
 
 def _check_folder(out_dir: Path, num_samples: int, manifest: dict) -> None:
+    foreign = sorted(f for f in os.listdir(out_dir) if not (_PNG.match(f) or f == MANIFEST or f.startswith(".")))
+    if foreign:
+        raise ValueError(f"out_dir {out_dir} holds {len(foreign)} file(s) or folder(s) sample.py does not write "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); a sample folder holds only "
+                         f"its images and {MANIFEST}: use a fresh out_dir or move them away")
     extra = sorted(i for i in existing_indices(out_dir) if i >= num_samples)
     if extra:
         raise ValueError(f"out_dir {out_dir} already holds {len(extra)} images with index >= num_samples="
