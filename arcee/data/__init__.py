@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "dataset": ("ShardedLMDBDataset", "build_dataset", "ensure_real_samples", "write_real_samples", "split_indices"),
-    "digits": ("cache_dir", "ensure_digits", "digit_sources"),
+    "digits": ("cache_dir", "ensure_digits", "ensure_mirrored_digits", "digit_sources"),
     "shards": ("ShardError", "build_shards", "read_manifest", "scan_folder", "verify_shards"),
     "vae": ("load_vae", "encode_images", "decode_latents", "encode_latents"),
 }

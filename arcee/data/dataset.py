@@ -175,11 +175,11 @@ def _get(cfg, key, default=None):
 def _resolve_path(cfg) -> Path:
     path = cfg.get("path")
     if path is None:
-        if cfg.get("name") == "digits":
-            from .digits import ensure_digits
-            return ensure_digits(int(_get(cfg, "image_size", 16)), int(_get(cfg, "channels", 1)))
-        raise ValueError(f"data.path is null for dataset {cfg.get('name')!r}; only the embedded 'digits' "
-                         f"dataset is built automatically")
+        from .digits import EMBEDDED
+        if cfg.get("name") in EMBEDDED:
+            return EMBEDDED[cfg["name"]](int(_get(cfg, "image_size", 16)), int(_get(cfg, "channels", 1)))
+        raise ValueError(f"data.path is null for dataset {cfg.get('name')!r}; only the embedded datasets "
+                         f"{sorted(EMBEDDED)} are built automatically")
     if str(path) == "???":
         raise ValueError("data.path is not set: build shards with `python -m data_prep build SRC_DIR OUT_DIR "
                          "--size N` and pass data.path=OUT_DIR")
