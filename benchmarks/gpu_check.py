@@ -84,22 +84,32 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_logged(cmd, log_path, timeout, env=None) -> tuple[int | None, bool]:
-    """Run `cmd` in ROOT with stdout + stderr appended to `log_path`. -> (exit code or None, timed out)."""
+def spawn(cmd, log_path, env=None) -> subprocess.Popen:
+    """Start `cmd` in ROOT in a new process group, stdout + stderr appended to `log_path`."""
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(map(str, cmd))}\n".encode())
         log.flush()
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            return proc.wait(timeout=max(1.0, timeout)), False
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float, log_path) -> tuple[int | None, bool]:
+    """-> (exit code, False), or (None, True) after killing its process group at `timeout` seconds."""
+    try:
+        return proc.wait(timeout=max(1.0, timeout)), False
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        with open(log_path, "ab") as log:
             log.write(f"\n[gpu_check] killed after {timeout:.0f} s\n".encode())
-            return None, True
-        except BaseException:  # Ctrl-C: leave nothing running
-            kill_group(proc)
-            raise
+        return None, True
+    except BaseException:  # Ctrl-C: leave nothing running
+        kill_group(proc)
+        raise
+
+
+def run_logged(cmd, log_path, timeout, env=None) -> tuple[int | None, bool]:
+    """Run `cmd` under `timeout`, output to `log_path`. -> (exit code or None, timed out)."""
+    return wait_or_kill(spawn(cmd, log_path, env), timeout, log_path)
 
 
 def tail(path, lines=20) -> str:
@@ -351,38 +361,41 @@ def parse_autotuning(text: str) -> list[dict]:
 
 
 def run_scan(ctx: Ctx, shapes, peers, warmup, reps):
-    """benchmarks/scan.py through its CLI; figures from the JSON it writes. Triton must give timings."""
-    out_dir = ctx.work / f"{ctx.name}_json"
-    cmd = [sys.executable, ROOT / "benchmarks" / "scan.py", "--peers", *peers, "--warmup", warmup, "--reps", reps,
-           "--out", out_dir]
-    for s in shapes:
-        cmd += ["--shape", s]
-    if ctx.dry:  # on CPU scan.py times every peer at each --threads count, round-robin
-        cmd += ["--dtype", "fp32", "--threads", "1"]
-    ctx.save(command=shlex.join(map(str, cmd)))
+    """benchmarks/scan.py through its CLI, one process per shape (it writes its JSON at the end: a timeout
+    keeps the shapes already done); figures from those JSONs. Triton must give a timing at every shape."""
+    ceilings = ctx.other("env").get("ceilings", {})
     log = ctx.work / f"{ctx.name}.scan.log"
-    rc, timed_out = run_logged(cmd, log, ctx.remaining(), env=dict(os.environ, TRITON_PRINT_AUTOTUNING="1"))
-    print(tail(log, 40))
-    ctx.save(autotuned=parse_autotuning(log.read_text(errors="replace")))
-    found = sorted(out_dir.glob("scan_*.json")) if out_dir.is_dir() else []
-    if timed_out:
-        raise StageTimeout("benchmarks/scan.py ran out of time (it writes its JSON at the end: no figures)")
-    if rc != 0 or not found:
-        raise RuntimeError(f"benchmarks/scan.py exited {rc} without a JSON")
-    record = json.loads(found[-1].read_text())
-    ctx.save(raw=record)  # scan.py's own JSON, whatever its format: no figure is lost to a parse error
-    rows = scan_figures(record, ctx.other("env").get("ceilings", {}))
-    missing = [p for p in peers if not any(p in r["backends"] for r in rows)]
-    ctx.save(dtype=record.get("dtype"), peaks=record.get("peaks"), shapes=rows, unavailable_peers=missing)
+    raw, rows, commands = [], [], []
+    for shape in shapes:
+        out_dir = ctx.work / f"{ctx.name}_json" / shape.replace(",", "_")
+        cmd = [sys.executable, ROOT / "benchmarks" / "scan.py", "--shape", shape, "--peers", *peers,
+               "--warmup", warmup, "--reps", reps, "--out", out_dir]
+        if ctx.dry:  # on CPU scan.py times every peer at each --threads count, round-robin
+            cmd += ["--dtype", "fp32", "--threads", "1"]
+        commands.append(shlex.join(map(str, cmd)))
+        ctx.save(commands=commands)
+        rc, timed_out = run_logged(cmd, log, ctx.remaining(), env=dict(os.environ, TRITON_PRINT_AUTOTUNING="1"))
+        ctx.save(autotuned=parse_autotuning(log.read_text(errors="replace")))
+        found = sorted(out_dir.glob("scan_*.json")) if out_dir.is_dir() else []
+        if found:
+            raw.append(json.loads(found[-1].read_text()))  # scan.py's own JSON: nothing lost to a parse error
+            rows += scan_figures(raw[-1], ceilings)
+            ctx.save(raw=raw, dtype=raw[0].get("dtype"), peaks=raw[0].get("peaks"), shapes=rows,
+                     unavailable_peers=[p for p in peers if not any(p in r["backends"] for r in rows)])
+        print(tail(log, 30))
+        if timed_out:
+            raise StageTimeout(f"benchmarks/scan.py ran out of time at shape {shape}")
+        if rc != 0 or not found:
+            raise RuntimeError(f"benchmarks/scan.py exited {rc} without a JSON at shape {shape}")
     no_triton = [r["shape"] for r in rows if "triton" not in r["backends"]]
     if no_triton:
         raise CheckFailed(f"no Triton timing at shape(s) {no_triton} (see the log)")
 
 
 def stage_scan(ctx: Ctx):
-    shapes = DRY_SHAPES if ctx.dry else ()  # () = scan.py's defaults: the paper's and Mamba's shapes
     peers = ["triton", "cpu"] if ctx.dry else ["triton", "mamba_ssm"]
-    run_scan(ctx, shapes, peers, 1 if ctx.dry else 3, 1 if ctx.dry else 10)
+    run_scan(ctx, DRY_SHAPES if ctx.dry else (PAPER_SHAPE, MAMBA_SHAPE), peers, 1 if ctx.dry else 3,
+             1 if ctx.dry else 10)
 
 
 def stage_scan_reference(ctx: Ctx):
@@ -491,7 +504,7 @@ def stage_train(ctx: Ctx, variant: str, precision: str):
         marks.append(clock())
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # as the trainer: clip, step, EMA
         for group in opt.param_groups:
-            group["lr"] = lr_at(i, cfg.optim, steps)
+            group["lr"] = lr_at(i, cfg.optim, tc.max_steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, i + 1)
@@ -707,31 +720,17 @@ class Running:
 
 
 def start_stage(name, cmd, work: Path, timeout: float, env=None) -> Running:
-    """Start one stage process (its own process group), stdout + stderr to <work>/<name>.log."""
-    log = work / f"{name}.log"
+    """Start one stage process; its output goes to <work>/<name>.log, its figures to <work>/<name>.json."""
     (work / f"{name}.json").unlink(missing_ok=True)
-    with open(log, "ab") as f:
-        f.write(f"$ {shlex.join(map(str, cmd))}\n".encode())
-        f.flush()
-        proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    return Running(name, proc, log, work, timeout, time.monotonic())
+    return Running(name, spawn(cmd, work / f"{name}.log", env), work / f"{name}.log", work, timeout,
+                   time.monotonic())
 
 
 def finish_stage(r: Running) -> dict:
     """Wait for a stage until its timeout (then kill its process group); -> {"status", "seconds", "cpu_s",
     "figures", "reason"? (skipped), "error" and "log_tail"? (fail, timeout)}."""
-    cpu0, timed_out = _children_cpu(), False
-    try:
-        rc = r.proc.wait(timeout=max(1.0, r.t0 + r.timeout - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        kill_group(r.proc)
-        rc, timed_out = None, True
-        with open(r.log, "ab") as f:
-            f.write(f"\n[gpu_check] killed after {r.timeout:.0f} s\n".encode())
-    except BaseException:  # Ctrl-C: leave nothing running
-        kill_group(r.proc)
-        raise
+    cpu0 = _children_cpu()
+    rc, timed_out = wait_or_kill(r.proc, r.t0 + r.timeout - time.monotonic(), r.log)
     seconds, cpu = time.monotonic() - r.t0, _children_cpu() - cpu0
     try:
         figures = json.loads((r.work / f"{r.name}.json").read_text())

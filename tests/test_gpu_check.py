@@ -58,7 +58,7 @@ def test_dry_run_figures(dry_run):
     # scan: the derived speedup is the ratio of scan.py's own raw timings
     for name, peer in (("scan", "cpu"), ("scan_reference", "reference")):
         row = fig[name]["shapes"][0]
-        raw = fig[name]["raw"]["results"][0]["backends"]
+        raw = fig[name]["raw"][0]["results"][0]["backends"]
         assert row["backends"]["triton"]["fwd_ms"] > 0
         ratio = gc._timing(raw[peer], "fwd_bwd") / gc._timing(raw["triton"], "fwd_bwd")
         assert row["triton_speedup_over"][peer]["fwd_bwd"] == pytest.approx(ratio)
