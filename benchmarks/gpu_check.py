@@ -1012,7 +1012,7 @@ def fetch_wheels(python_version: str) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU only, tiny sizes, TRITON_INTERPRET=1 (CI)")
-    p.add_argument("--budget", type=float, default=None, help="total seconds (default: 450 on a GPU, 1800 dry)")
+    p.add_argument("--budget", type=float, default=None, help="total seconds (default: 470 on a GPU, 1800 dry)")
     p.add_argument("--only", type=lambda s: s.split(","), default=[], help="comma-separated stage names")
     p.add_argument("--skip", type=lambda s: s.split(","), default=[], help="comma-separated stage names")
     p.add_argument("--results-dir", help="default: benchmarks/results (dry run: $TMPDIR/arcee_gpu_check)")
@@ -1028,7 +1028,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown stage(s) {unknown}; stages: {', '.join(s.name for s in STAGES)}")
     if args.budget is None:
-        args.budget = 1800.0 if args.dry_run else 450.0
+        args.budget = 1800.0 if args.dry_run else 470.0
     return args
 
 
