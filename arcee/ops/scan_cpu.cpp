@@ -162,7 +162,7 @@ class Pool {
     job->ntasks = ntasks;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      while ((int)helpers_.size() < threads - 1) helpers_.emplace_back([this] { loop(); });
+      for (int i = (int)helpers_.size(); i < threads - 1; ++i) helpers_.emplace_back([this, i] { loop(i); });
       job_ = job;
       wanted_ = threads - 1;
       ++generation_;
@@ -175,13 +175,8 @@ class Pool {
   }
 
  private:
-  void loop() {
+  void loop(int index) {
     uint64_t seen = 0;
-    int index;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      index = (int)helpers_.size() - 1;
-    }
     for (;;) {
       std::shared_ptr<Job> job;
       {
