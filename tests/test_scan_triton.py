@@ -462,7 +462,7 @@ def test_static_tool_on_sm90(tmp_path):
     out = tmp_path / "static.json"
     root = os.path.join(os.path.dirname(__file__), "..")
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_static.py"), "--shape", "2,64,256,16",
-                        "--block-d", "1", "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {rec["kernel"] for rec in records} == {"fwd", "bwd"}

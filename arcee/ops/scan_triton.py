@@ -101,13 +101,14 @@ def _configs(kernel):
 
 
 def _pruner():
-    """Keep tiles no wider than the group (the rest would be masked off); never nothing."""
+    """The widest tile that the group fills (wider ones would be partly masked off): more channels
+    per lane share each state's B, C loads and loop overhead, and kernel_static.py shows the wider
+    tile costs fewer instructions per update at every shape, so there is nothing to time."""
     def prune(configs, named_args, **kwargs):
-        if len(configs) == 1:
-            return configs
         dpg = named_args["dim"] // named_args["ngroups"]
-        kept = [c for c in configs if c.kwargs["BLOCK_D"] <= triton.next_power_of_2(dpg)]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
+        fits = [c for c in configs if c.kwargs["BLOCK_D"] <= triton.next_power_of_2(dpg)]
+        return [max(fits or configs, key=lambda c: c.kwargs["BLOCK_D"]) if fits else
+                min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
     return prune
 
 
@@ -141,6 +142,16 @@ def _rcp(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _to_acc(x, ACC: tl.constexpr, FAST: tl.constexpr):
+    """x.to(ACC); FAST bf16 widens two packed values with one instruction each (and, shift)."""
+    if FAST and (x.dtype == tl.bfloat16):
+        return tl.inline_asm_elementwise("{ and.b32 $1, $2, 0xffff0000; shl.b32 $0, $2, 16; }", "=r,=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return x.to(ACC)
+
+
+@triton.jit
 def _softplus(x, FAST: tl.constexpr):
     # log(1 + e^x), identity above 20 like torch's; NaN in gives NaN out, +inf gives +inf
     return tl.where(x > 20.0, x, _lg2(1.0 + _ex2(x * LOG2E, FAST), FAST) * LN2)
@@ -163,26 +174,27 @@ def reverse_scan_ptx(items):
     Operands: outputs lam_0.. ($0..), inputs a_0.. then g_0.. (the lane's steps in order).
     Computes lam_t = g_t + a_{t+1} lam_{t+1} over the warp's 32 * items steps, with nothing after
     the last step (the chunk's carry is already in its g): a_{t+1} comes from the next register
-    or, for the lane's last step, from the next lane; a sequential suffix pass in the lane, five
-    shuffle rounds composing the lanes' affine maps (x -> A x + R), one shuffle for the value
-    after the lane, then lam = A x + R per step. tests/test_scan_triton.py runs this text through
-    a small PTX interpreter against a float64 loop.
+    or, for the lane's last step, from the next lane. The lane's affine map x -> A x + R (x: lam
+    right after the lane) in one pass, five shuffle rounds composing the maps across lanes, one
+    shuffle for the value after the lane, then the lane's steps again from it, last to first.
+    tests/test_scan_triton.py runs this text through a small PTX interpreter against a loop.
     """
     n = items
     out, a, g = [f"${i}" for i in range(n)], [f"${n + i}" for i in range(n)], [f"${2 * n + i}" for i in range(n)]
-    lines = [".reg .f32 al<%d>, R<%d>, A<%d>, Ar, Rr, X, t1, t2;" % (n, n, n), ".reg .pred p;"]
-    lines += [f"mov.f32 al{i}, {a[i + 1]};" for i in range(n - 1)]
-    lines += [f"shfl.sync.down.b32 al{n - 1}|p, {a[0]}, 1, 0x1f, 0xffffffff;"]
-    lines += [f"mov.f32 R{n - 1}, {g[n - 1]};", f"mov.f32 A{n - 1}, al{n - 1};"]
+    al = a[1:] + ["an"]  # a_{t+1}
+    lines = [".reg .f32 an, Ar, Rr, X, t1, t2;", ".reg .pred p;",
+             f"shfl.sync.down.b32 an|p, {a[0]}, 1, 0x1f, 0xffffffff;",
+             f"mov.f32 Rr, {g[n - 1]};", f"mov.f32 Ar, {al[n - 1]};"]
     for i in range(n - 2, -1, -1):
-        lines += [f"fma.rn.f32 R{i}, al{i}, R{i + 1}, {g[i]};", f"mul.f32 A{i}, al{i}, A{i + 1};"]
-    lines += ["mov.f32 Ar, A0;", "mov.f32 Rr, R0;"]
+        lines += [f"fma.rn.f32 Rr, {al[i]}, Rr, {g[i]};", f"mul.f32 Ar, {al[i]}, Ar;"]
     for d in (1, 2, 4, 8, 16):
         lines += [f"shfl.sync.down.b32 t1|p, Rr, {d}, 0x1f, 0xffffffff;",
-                  f"shfl.sync.down.b32 t2|p, Ar, {d}, 0x1f, 0xffffffff;",
-                  "@p fma.rn.f32 Rr, Ar, t1, Rr;", "@p mul.f32 Ar, Ar, t2;"]
-    lines += ["shfl.sync.down.b32 X|p, Rr, 1, 0x1f, 0xffffffff;", "@!p mov.f32 X, 0f00000000;"]
-    lines += [f"fma.rn.f32 {out[i]}, A{i}, X, R{i};" for i in range(n)]
+                  f"shfl.sync.down.b32 t2|p, Ar, {d}, 0x1f, 0xffffffff;", "@p fma.rn.f32 Rr, Ar, t1, Rr;"]
+        if d < 16:
+            lines += ["@p mul.f32 Ar, Ar, t2;"]
+    lines += ["shfl.sync.down.b32 X|p, Rr, 1, 0x1f, 0xffffffff;", "@!p mov.f32 X, 0f00000000;",
+              f"fma.rn.f32 {out[n - 1]}, {al[n - 1]}, X, {g[n - 1]};"]
+    lines += [f"fma.rn.f32 {out[i]}, {al[i]}, {out[i + 1]}, {g[i]};" for i in range(n - 2, -1, -1)]
     return "{ " + " ".join(lines) + " }"
 
 
@@ -191,26 +203,27 @@ def forward_scan_ptx(items):
 
     Operands: outputs h_0.. ($0..), inputs a_0.., b_0.., then h_in (the state entering the chunk,
     the same in every operand). Computes h_t = a_t h_{t-1} + b_t over the warp's 32 * items steps
-    from h_{-1} = h_in: a sequential pass in the lane (its affine map x -> A x + H), lane 0 applies
-    its map to h_in, five shuffle rounds compose the maps across lanes, one shuffle brings each
-    lane the state it starts from, then h = A x + H per step (what tl.associative_scan does, with
-    the entering state folded in and without its identity selects). Tested like reverse_scan_ptx.
+    from h_{-1} = h_in: the lane's affine map x -> A x + H in one pass (lane 0 applies it to h_in),
+    five shuffle rounds compose the maps across lanes, one shuffle brings each lane the state it
+    starts from, then the lane's steps again from it (what tl.associative_scan does, with the
+    entering state folded in and without its identity selects). Tested like reverse_scan_ptx.
     """
     n = items
     out, a, b = [f"${i}" for i in range(n)], [f"${n + i}" for i in range(n)], [f"${2 * n + i}" for i in range(n)]
     h_in = f"${3 * n}"
-    lines = [".reg .f32 A<%d>, H<%d>, Ar, Hr, X, t1, t2;" % (n, n), ".reg .pred p, q;", ".reg .u32 ln;",
-             "mov.u32 ln, %laneid;", "setp.eq.u32 q, ln, 0;", f"mov.f32 A0, {a[0]};", f"mov.f32 H0, {b[0]};"]
+    lines = [".reg .f32 Ar, Hr, X, t1, t2;", ".reg .pred p, q;", ".reg .u32 ln;",
+             "mov.u32 ln, %laneid;", "setp.eq.u32 q, ln, 0;", f"mov.f32 Ar, {a[0]};", f"mov.f32 Hr, {b[0]};"]
     for i in range(1, n):
-        lines += [f"mul.f32 A{i}, A{i - 1}, {a[i]};", f"fma.rn.f32 H{i}, {a[i]}, H{i - 1}, {b[i]};"]
-    lines += [f"mov.f32 Ar, A{n - 1};", f"mov.f32 Hr, H{n - 1};", f"@q fma.rn.f32 Hr, Ar, {h_in}, Hr;"]
+        lines += [f"mul.f32 Ar, Ar, {a[i]};", f"fma.rn.f32 Hr, {a[i]}, Hr, {b[i]};"]
+    lines += [f"@q fma.rn.f32 Hr, Ar, {h_in}, Hr;"]
     for d in (1, 2, 4, 8, 16):
         lines += [f"shfl.sync.up.b32 t1|p, Hr, {d}, 0x0, 0xffffffff;",
                   f"shfl.sync.up.b32 t2|p, Ar, {d}, 0x0, 0xffffffff;", "@p fma.rn.f32 Hr, Ar, t1, Hr;"]
         if d < 16:
             lines += ["@p mul.f32 Ar, Ar, t2;"]
-    lines += ["shfl.sync.up.b32 X|p, Hr, 1, 0x0, 0xffffffff;", f"@q mov.f32 X, {h_in};"]
-    lines += [f"fma.rn.f32 {out[i]}, A{i}, X, H{i};" for i in range(n)]
+    lines += ["shfl.sync.up.b32 X|p, Hr, 1, 0x0, 0xffffffff;", f"@q mov.f32 X, {h_in};",
+              f"fma.rn.f32 {out[0]}, {a[0]}, X, {b[0]};"]
+    lines += [f"fma.rn.f32 {out[i]}, {a[i]}, {out[i - 1]}, {b[i]};" for i in range(1, n)]
     return "{ " + " ".join(lines) + " }"
 
 
@@ -224,7 +237,7 @@ _FORWARD_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 12))
 def _forward_scan(a, bx, h_in, tt, ITEMS: tl.constexpr, FAST: tl.constexpr):
     """h [BD, L] with h_t = a_t h_{t-1} + bx_t from h_{-1} = h_in [BD]. FAST: forward_scan_ptx."""
     if FAST:
-        hb = h_in[:, None] + tl.zeros_like(a)
+        hb = tl.broadcast_to(h_in[:, None], a.shape)
         if ITEMS == 8:
             return tl.inline_asm_elementwise(_FORWARD_SCAN_8, _FORWARD_SCAN_CONSTRAINTS_8, [a, bx, hb],
                                              dtype=tl.float32, is_pure=True, pack=8)
@@ -385,8 +398,8 @@ def _fwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv,
         mask = mask_d[:, None] & mask_t[None, :]
     else:
         mask = mask_d[:, None]
-    u = tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0).to(ACC)
-    x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+    u = _to_acc(tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0), ACC, FAST)
+    x = _to_acc(tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0), ACC, FAST)
     if HAS_BIAS:
         x += bias[:, None]
     dt = x
@@ -405,26 +418,33 @@ def _fwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv,
     st_off = c.to(tl.int64) * dstate
     out_state = tl.where(k == nchunks - 1, hT_ptr + bi * slab + st_off,
                          saved_ptr + (bi * (nchunks - 1) + k) * slab + st_off)
+    # pointers advanced by one state per trip (cheaper than recomputing them from j)
     B_ptrs = B_ptr + bi * s_Bb + grp * s_Bg + t * s_Bl
     C_ptrs = C_ptr + bi * s_Cb + grp * s_Cg + t * s_Cl
-    for j in range(dstate):
-        A2 = tl.load(A_ptr + c * s_Ad + j * s_An, mask=mask_d, other=0.0).to(ACC) * LOG2E
+    A_ptrs = A_ptr + c * s_Ad
+    for _ in range(dstate):
+        A2 = tl.load(A_ptrs, mask=mask_d, other=0.0).to(ACC) * LOG2E
         if MASKED:
-            Bj = tl.load(B_ptrs + j * s_Bn, mask=mask_t, other=0.0).to(ACC)
-            Cj = tl.load(C_ptrs + j * s_Cn, mask=mask_t, other=0.0).to(ACC)
+            Bj = tl.load(B_ptrs, mask=mask_t, other=0.0).to(ACC)
+            Cj = tl.load(C_ptrs, mask=mask_t, other=0.0).to(ACC)
         else:
-            Bj = tl.load(B_ptrs + j * s_Bn).to(ACC)
-            Cj = tl.load(C_ptrs + j * s_Cn).to(ACC)
+            Bj = _to_acc(tl.load(B_ptrs), ACC, FAST)
+            Cj = _to_acc(tl.load(C_ptrs), ACC, FAST)
         a = _ex2(dt * A2[:, None], FAST)
         if MASKED:
             a = tl.where(mask, a, 1.0)  # padded steps: the identity, also for A = -inf
         bx = dtu * Bj[None, :]
-        h_in = tl.load(in_ptrs + j * in_stride, mask=in_mask, other=0.0).to(ACC)
+        h_in = tl.load(in_ptrs, mask=in_mask, other=0.0).to(ACC)
         h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)
         y += Cj[None, :] * h  # y_t = sum_n C_t[n] h_t[n]
-        _store_step(out_state + j, h, mask_d, tt, L - 1, L, ITEMS, FAST)
+        _store_step(out_state, h, mask_d, tt, L - 1, L, ITEMS, FAST)
+        A_ptrs += s_An
+        B_ptrs += s_Bn
+        C_ptrs += s_Cn
+        in_ptrs += in_stride
+        out_state += 1
     if HAS_Z:
-        zv = tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0).to(ACC)
+        zv = _to_acc(tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0), ACC, FAST)
         y *= zv * _sigmoid(zv, FAST)  # out = y * silu(z)
     tl.store(out_ptr + (bi * dim + c[:, None]) * seqlen + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -474,7 +494,7 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
                dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
                du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
                dim, dstate, seqlen, nchunks, ngroups,
@@ -485,12 +505,15 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
                MASKED: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC_ATOMICS: tl.constexpr):
     """Gradients of chunk [t0, t0 + L); returns the running (dD, ddelta_bias) partial sums."""
     t = t0 + tt
+    # loaded per chunk (L1) rather than kept in registers for the whole program
+    bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
     if MASKED:
         mask_t = t < seqlen
         mask = mask_d[:, None] & mask_t[None, :]
     else:
         mask = mask_d[:, None]
-    x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+    x = _to_acc(tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0), ACC, FAST)
     if HAS_BIAS:
         x += bias[:, None]
     dt = x
@@ -498,13 +521,13 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
         dt = _softplus(x, FAST)
     if MASKED:
         dt = tl.where(mask, dt, 0.0)
-    u_ptrs = u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul
-    dout_ptrs = dout_ptr + bi * s_ob + c[:, None] * s_od + t[None, :] * s_ol
-    z_ptrs = z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl
-    dtu = dt * tl.load(u_ptrs, mask=mask, other=0.0).to(ACC)
-    gy = tl.load(dout_ptrs, mask=mask, other=0.0).to(ACC)
+    dtu = dt * _to_acc(tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0),
+                       ACC, FAST)
+    gy = _to_acc(tl.load(dout_ptr + bi * s_ob + c[:, None] * s_od + t[None, :] * s_ol, mask=mask, other=0.0),
+                 ACC, FAST)
     if HAS_Z:
-        zv = tl.load(z_ptrs, mask=mask, other=0.0).to(ACC)
+        zv = _to_acc(tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0),
+                     ACC, FAST)
         gy *= zv * _sigmoid(zv, FAST)  # dL/dy = dout * silu(z)
     y = tl.zeros_like(dt)  # sum_n C h (for dz)
     s_lamB = tl.zeros_like(dt)  # sum_n lam B
@@ -532,44 +555,53 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
     dBC_ptrs = (bi * ngroups + grp) * dstate * seqlen + t  # dB, dC are contiguous (b, g, n, l)
     B_ptrs = B_ptr + bi * s_Bb + grp * s_Bg + t * s_Bl
     C_ptrs = C_ptr + bi * s_Cb + grp * s_Cg + t * s_Cl
+    A_ptrs = A_ptr + c * s_Ad
+    dA_ptrs = dA_ptr + c * s_Ad  # dA has A's layout
     for j in range(dstate):
-        Aj = tl.load(A_ptr + c * s_Ad + j * s_An, mask=mask_d, other=0.0).to(ACC)
+        Aj = tl.load(A_ptrs, mask=mask_d, other=0.0).to(ACC)
         if MASKED:
-            Bj = tl.load(B_ptrs + j * s_Bn, mask=mask_t, other=0.0).to(ACC)
-            Cj = tl.load(C_ptrs + j * s_Cn, mask=mask_t, other=0.0).to(ACC)
+            Bj = tl.load(B_ptrs, mask=mask_t, other=0.0).to(ACC)
+            Cj = tl.load(C_ptrs, mask=mask_t, other=0.0).to(ACC)
         else:
-            Bj = tl.load(B_ptrs + j * s_Bn).to(ACC)
-            Cj = tl.load(C_ptrs + j * s_Cn).to(ACC)
+            Bj = _to_acc(tl.load(B_ptrs), ACC, FAST)
+            Cj = _to_acc(tl.load(C_ptrs), ACC, FAST)
         a = _ex2(dt * (Aj * LOG2E)[:, None], FAST)
         if MASKED:
             a = tl.where(mask, a, 1.0)
         bx = dtu * Bj[None, :]
-        h_in = tl.load(in_ptrs + j * in_stride, mask=in_mask, other=0.0).to(ACC)
+        h_in = tl.load(in_ptrs, mask=in_mask, other=0.0).to(ACC)
         h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)  # the states, recomputed
         y += Cj[None, :] * h
 
         # lam_t = g_t + a_{t+1} lam_{t+1}, g_t = gy_t C_t; the carry enters at the last step
         g = gy * Cj[None, :]
-        lam_c = tl.load(lam_in + j * lam_in_stride, mask=lam_in_mask, other=0.0).to(ACC)
+        lam_c = tl.load(lam_in, mask=lam_in_mask, other=0.0).to(ACC)
         g = tl.where(tt[None, :] == L - 1, g + lam_c[:, None], g)
         lam = _reverse_scan(a, g, tt, L, ITEMS, FAST)
-        _store_step(lam_out + j, a * lam, mu_mask, tt, 0, L, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
+        _store_step(lam_out, a * lam, mu_mask, tt, 0, L, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
 
-        ah = h - bx  # a_t h_{t-1}
+        ah = h - dtu * Bj[None, :]  # a_t h_{t-1} (bx recomputed: one register tile less across the scans)
         lam_ah = lam * ah
         s_lamB += lam * Bj[None, :]
         s_lamAah += Aj[:, None] * lam_ah
-        tl.atomic_add(dA_ptr + c * s_Ad + j * s_An, tl.sum(dt * lam_ah, axis=1), mask=mask_d, sem="relaxed")
+        tl.atomic_add(dA_ptrs, tl.sum(dt * lam_ah, axis=1), mask=mask_d, sem="relaxed")
         if MASKED:
             tl.atomic_add(dB_ptr + dBC_ptrs + j * seqlen, tl.sum(lam * dtu, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(dC_ptr + dBC_ptrs + j * seqlen, tl.sum(gy * h, axis=0), mask=mask_t, sem="relaxed")
         else:
             _atomic_add_row(dB_ptr + dBC_ptrs + j * seqlen, tl.sum(lam * dtu, axis=0), VEC_ATOMICS, ITEMS)
             _atomic_add_row(dC_ptr + dBC_ptrs + j * seqlen, tl.sum(gy * h, axis=0), VEC_ATOMICS, ITEMS)
+        A_ptrs += s_An
+        dA_ptrs += s_An
+        B_ptrs += s_Bn
+        C_ptrs += s_Cn
+        in_ptrs += in_stride
+        lam_in += lam_in_stride
+        lam_out += 1
 
     # what the state loop did not need is loaded again (L1 / L2) rather than kept in registers
     bdl = (bi * dim + c[:, None]) * seqlen + t[None, :]  # du, ddelta, dz are contiguous (b, d, l)
-    u = tl.load(u_ptrs, mask=mask, other=0.0).to(ACC)
+    u = _to_acc(tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0), ACC, FAST)
     du = dt * s_lamB
     if HAS_D:
         y += Dv[:, None] * u
@@ -577,14 +609,16 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
         dD_acc += tl.sum(gy * u, axis=1)
     tl.store(du_ptr + bdl, du.to(du_ptr.dtype.element_ty), mask=mask)
     if HAS_Z:
-        dout = tl.load(dout_ptrs, mask=mask, other=0.0).to(ACC)
-        zv = tl.load(z_ptrs, mask=mask, other=0.0).to(ACC)
+        dout = _to_acc(tl.load(dout_ptr + bi * s_ob + c[:, None] * s_od + t[None, :] * s_ol, mask=mask, other=0.0),
+                       ACC, FAST)
+        zv = _to_acc(tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0),
+                     ACC, FAST)
         sig_z = _sigmoid(zv, FAST)
         dz = dout * y * sig_z * (1.0 + zv * (1.0 - sig_z))  # d/dz [y z sigmoid(z)]
         tl.store(dz_ptr + bdl, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     ddelta = u * s_lamB + s_lamAah  # dL/d dt
     if SOFTPLUS:
-        x = tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0).to(ACC)
+        x = _to_acc(tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0), ACC, FAST)
         if HAS_BIAS:
             x += bias[:, None]
         ddelta *= _sigmoid(x, FAST)
@@ -618,14 +652,12 @@ def _bwd_kernel(
     mask_d = cg < dpg
     c = grp * dpg + cg
     tt = tl.arange(0, L)
-    bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
-    Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
     dD_acc = tl.zeros([BLOCK_D], ACC)
     dbias_acc = tl.zeros([BLOCK_D], ACC)
     nfull = seqlen // L
     if nfull < nchunks:  # the partial chunk is the last one: it goes first
         dD_acc, dbias_acc = _bwd_chunk(
-            nfull, nfull * L, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+            nfull, nfull * L, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
             dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
             dim, dstate, seqlen, nchunks, ngroups,
@@ -636,7 +668,7 @@ def _bwd_kernel(
     for kk in range(nfull):
         k = nfull - 1 - kk
         dD_acc, dbias_acc = _bwd_chunk(
-            k, k * L, bi, grp, c, mask_d, tt, bias, Dv, dD_acc, dbias_acc,
+            k, k * L, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
             dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
             dim, dstate, seqlen, nchunks, ngroups,
