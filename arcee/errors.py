@@ -89,6 +89,9 @@ def run_main(main, *args, debug: bool | None = None, hint: str = "HYDRA_FULL_ERR
         os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         return main(*args)
+    except BrokenPipeError:  # stdout closed early (`... | head`): not a mistake in the input
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise SystemExit(1) from None
     except user_error_types() as e:
         if debug:
             raise
