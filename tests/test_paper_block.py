@@ -192,6 +192,19 @@ def test_patch_embed_bias_has_pytorch_default_init():
     assert (tiny("prenorm", image_size=4, in_channels=4, width=768, depth=1, d_state=1).x_embed.bias == 0).all()
 
 
+@pytest.mark.parametrize("block", ["paper", "prenorm"])
+def test_vision_mamba_reversed_scan_dt_bias(block):
+    """The authors' Vim: the reversed scan's dt_proj bias is zeroed by their init, so its dt starts at
+    softplus(0) = ln 2 on every channel; the forward scan keeps mamba's log-uniform dt in [1e-3, 0.1]."""
+    mixer = tiny(block, scan_order="raster", num_orders=1, bidirectional=True, width=64).blocks[0].mixer
+    dt_fwd, dt_rev = (F.softplus(p.bias) for p in mixer.dt_proj)
+    assert dt_fwd.min() >= 1e-3 * (1 - 1e-4) and dt_fwd.max() <= 0.1 * (1 + 1e-4)
+    if block == "paper":
+        torch.testing.assert_close(dt_rev, torch.full_like(dt_rev, math.log(2)))
+    else:
+        assert dt_rev.min() >= 1e-3 * (1 - 1e-4) and dt_rev.max() <= 0.1 * (1 + 1e-4)
+
+
 def test_one_learned_unconditional_label_is_added_to_the_conditioning():
     model = randomize_(tiny(width=16))
     label = model.y_embed.table.weight

@@ -15,8 +15,9 @@ Two backbones around the mixer, chosen by `block` (docs/architecture.md has the 
   the stream block i+1 reads is r_{i+1} = r_i + o_i (mamba's add-then-norm Block), so
   r_i = embedding + o_0 + ... + o_{i-1}; the final layer reads LayerNorm(o_last) (eps 1e-6, no
   affine). Also raw-t [sin, cos] time embedding, out_proj Kaiming-uniform / sqrt(depth),
-  base-1000 position embedding with the column first, PyTorch-default patch-embed bias and,
-  when num_classes = 0, one learned unconditional label vector added to the conditioning.
+  base-1000 position embedding with the column first, PyTorch-default patch-embed bias,
+  when num_classes = 0 one learned unconditional label vector added to the conditioning, and
+  in a bidirectional mixer the reversed scan's dt bias at zero (softplus: dt = ln 2).
 """
 import math
 from typing import Callable, Optional, Sequence, Union
@@ -155,6 +156,8 @@ class ZigMa(nn.Module):
                 nn.init.kaiming_uniform_(blk.mixer.out_proj.weight, a=math.sqrt(5))
                 with torch.no_grad():
                     blk.mixer.out_proj.weight.div_(math.sqrt(depth))
+                if bidirectional:  # their init zeroes every Linear bias not marked _no_reinit, and the
+                    nn.init.zeros_(blk.mixer.dt_proj[1].bias)  # reversed scan's dt_proj bias is not: dt = ln 2
         final_norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False) if paper else None
         self.final = FinalLayer(width, patch_size, in_channels, final_norm)
 
