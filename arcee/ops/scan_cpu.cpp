@@ -68,11 +68,10 @@ inline void transpose(V* r) {
 inline VecOf<float>::type exp2v(VecOf<float>::type x) {
   typedef VecOf<float>::type V;
   typedef VecOf<float>::itype I;
-  const V lo = V{} - 127.0f, hi = V{} + 127.0f, magic = V{} + 12582912.0f;  // 1.5 * 2^23
-  V xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  V r = (xc + magic) - magic;  // round to nearest
-  V f = xc - r;
+  // No clamping: out of [-126, 127] (and NaN) the lanes are garbage until the selects below.
+  const V magic = V{} + 12582912.0f;  // 1.5 * 2^23
+  V r = (x + magic) - magic;  // round to nearest
+  V f = x - r;
   V p = V{} + 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
