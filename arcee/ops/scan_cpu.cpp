@@ -1,7 +1,7 @@
 // The CPU selective scan: one fused pass forward, one recompute + reverse pass backward.
 //
-// Compiled on first use by arcee/ops/scan_cpu.py (plain C++17, no torch headers) and called
-// through ctypes. Math: REFERENCE.md section 1 / docs/ops.md.
+// Compiled on first use by arcee/ops/scan_cpu.py (C++17 with GCC vector extensions, no torch
+// headers) and called through ctypes. Math: REFERENCE.md section 1 / docs/ops.md.
 //
 // Layout. A task owns W = 16 channels of one batch element (forward) or a whole group of one
 // batch element (backward, which sums dB and dC over the group's channels). Vectors run across

@@ -1,10 +1,10 @@
 """Fast CPU selective scan: one fused C++ pass forward, one recompute + reverse pass backward.
 
-The kernel (`scan_cpu.cpp`, plain C++17 without torch headers) is compiled on first use with the
-system compiler (`$CXX`, default `c++`; about 5 s) for this machine (`-march=native`), cached
-under `$ARCEE_CACHE` (default `~/.cache/arcee`) and called through ctypes. It walks time in
-chunks of `T` steps with the state of 16 channels in vector registers, fuses softplus, the bias,
-`D`, `silu(z)` and every gradient, and saves only the state entering each chunk; nothing of size
+The kernel (`scan_cpu.cpp`, C++17 with GCC vector extensions, no torch headers) is compiled on
+first use with `$CXX` (default `g++`, GCC >= 9; about 5 s) for this machine (`-march=native`),
+cached under `$ARCEE_CACHE` (default `~/.cache/arcee`) and called through ctypes. It walks time in
+chunks of `T` steps with the state of 16 channels in vectors, fuses softplus, the bias, `D`,
+`silu(z)` and every gradient, and saves only the state entering each chunk; nothing of size
 (b, d, n, l) is ever written. A tail chunk is simply shorter, so any `l` is exact. Math:
 REFERENCE.md section 1 and docs/ops.md.
 
@@ -73,8 +73,7 @@ _lib_lock = threading.Lock()
 
 
 def _cache_dir() -> str:
-    root = os.environ.get("ARCEE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "arcee")
+    root = os.path.expanduser(os.environ.get("ARCEE_CACHE") or "~/.cache/arcee")  # as arcee.data.digits
     try:
         os.makedirs(root, exist_ok=True)
         if os.access(root, os.W_OK):
@@ -97,7 +96,7 @@ def _machine() -> str:
 
 def _build() -> str:
     """Compile scan_cpu.cpp once per source, compiler, flags and CPU; return the library path."""
-    cxx = os.environ.get("CXX", "c++")
+    cxx = os.environ.get("CXX", "g++")
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + "\0".join([cxx, *CXXFLAGS, _machine()]).encode()).hexdigest()[:16]
