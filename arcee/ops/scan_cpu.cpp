@@ -324,7 +324,7 @@ struct Scan {
     const T* Cg = in(a.C) + (bi * a.g + gi) * n * l;
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       const int64_t t0 = ci * T_, len = std::min(T_, l - t0);
-      std::copy(h, h + n, reinterpret_cast<V*>(saved_at(bi, ci, gi, j)));
+      std::memcpy(saved_at(bi, ci, gi, j), h, n * sizeof(V));  // saved may be unaligned
       load_tile(in(a.u), bi, c0, nv, t0, len, u);
       load_dt(bi, c0, nv, t0, len, dt, v);
       if (a.z) load_tile(in(a.z), bi, c0, nv, t0, len, z);
