@@ -95,7 +95,8 @@ def log(msg: str) -> None:
 
 
 def train_overrides(args, variant: str, seed: int, run_dir: Path) -> list[str]:
-    return [f"experiment=digits_{variant}", f"seed={seed}", f"train.max_steps={args.steps}",
+    prefix = getattr(args, "experiment_prefix", "digits_")  # scripts/mirror_repro.py: "mirror_"
+    return [f"experiment={prefix}{variant}", f"seed={seed}", f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch_size}", "train.log_every=10", "train.sample_every=0",
             "train.ckpt_every=0", "logger=disabled", f"hydra.run.dir={run_dir}", *args.train_overrides.split()]
 
