@@ -157,6 +157,7 @@ def evaluate_run(run_dir: Path, x_val: torch.Tensor, args, path: torch.Tensor, k
         model, cfg = load_generator(ckpt, use_ema=True)
         r = causality.analyze(model, cfg, x_val, path=path, repeats=args.loss_repeats, points=args.points,
                               loss=step == ckpts[-1][0])
+        r.pop("sensitivity_map")  # (L, L) per checkpoint: too big for results.json; the CLI plots it
         over_training.append({"step": step, **r})
     final = over_training[-1]
     model, cfg = load_generator(run_dir / "ema_final.safetensors", use_ema=True)
@@ -216,9 +217,9 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} logical CPUs, {a['threads']} torch thread(s) per process, "
-        f"{a['jobs']} run(s) at a time, nice {os.getpriority(os.PRIO_PROCESS, 0)}), torch {m['torch']}, git "
-        f"{m['git_commit']}, {m['date']}. Wall {result['seconds'] / 60:.1f} min (training "
-        f"{result['train_seconds'] / 60:.1f} min); CPU time of this process tree {result['cpu_seconds'] / 60:.1f} min; "
+        f"{a['jobs']} run(s) at a time, nice {result.get('nice', '?')}), torch {m['torch']}, git "
+        f"{m['git_commit']}, {m['date']}. Wall {result['seconds'] / 60:.1f} min (training and evaluation overlap); "
+        f"CPU time of this process tree {result['cpu_seconds'] / 60:.1f} min; "
         f"load average at the end {result['load_end']}.",
         "",
         f"Setup: `data=digits_mirrored` (train 1,617 / val 180), ZigMa-XS (64 tokens), {a['steps']} steps x batch "
@@ -314,7 +315,7 @@ def report(args, runs, grids, command, t_start, train_seconds) -> dict:
               "summary": summarize(runs, args.variants), "paired": pairs,
               "gap_closed": {k: gap_closed(runs, k) for k in ("heldout_loss", "q1", "q2")},
               "runs": runs, "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
-              "cpu_seconds": cpu_seconds(), "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+              "cpu_seconds": cpu_seconds(), "nice": os.getpriority(os.PRIO_PROCESS, 0), "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     args.docs.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.docs / "results.json", json.dumps(result, indent=1).encode())
     atomic_write_bytes(args.docs / "results.md", markdown(result).encode())
