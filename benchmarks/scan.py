@@ -12,7 +12,8 @@ h0 = None and no h_T, as mamba_ssm has neither. Reports ms, speedups, achieved G
 against the device's roofs, and writes JSON to benchmarks/results/.
 
 On CPU every peer runs at 1 and 2 threads (`--threads`), interleaved round by round so that
-load drift hits all alike, and the table gives medians, the bytes each peer's op sequence moves
+load drift hits all alike, and the table gives medians (wall clock, and the calling thread's CPU
+time of forward+backward at the first thread count), the bytes each peer's op sequence moves
 per state element (b d n l) forward+backward (every aten op's tensor reads and writes, plus the
 fused kernel's inputs and outputs), its peak memory (resident-set growth in a fresh process,
 Linux) and the load average before and after.
@@ -157,10 +158,12 @@ def bench_shape(b, d, l, n, dtype, device, peers, warmup, reps, z=True):
 
 class ByteCounter(TorchDispatchMode):
     """Bytes an op sequence reads and writes: every aten op's tensor arguments (not for ops that
-    only write them: copy_, fill_, zero_, out=) and results, views excluded; the fused CPU kernel
-    (called through ctypes, unseen by dispatch) counts its inputs and outputs once (`kernel_call`)."""
+    only write them: copy_, fill_, zero_, out=) and results; views and allocations move nothing.
+    The fused CPU kernel (called through ctypes, unseen by dispatch) counts its inputs and outputs
+    once (`kernel_call`)."""
 
-    WRITE_ONLY = {"copy_", "fill_", "zero_", "empty", "empty_like", "new_empty", "empty_strided"}
+    WRITE_ONLY = {"copy_", "fill_", "zero_"}
+    NO_BYTES = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self):
         super().__init__()
@@ -169,9 +172,9 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.is_view:
-            return out
         name = func.__name__.split(".")[0]
+        if func.is_view or name in self.NO_BYTES:
+            return out
         tensors = lambda x: [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
         reads = tensors(args[1:] if name in self.WRITE_ONLY else args)
         reads += tensors({k: v for k, v in kwargs.items() if k != "out"})
@@ -282,13 +285,13 @@ def bench_shape_cpu(b, d, l, n, dtype, peers, threads, warmup, reps, z=True):
             for th in threads:
                 torch.set_num_threads(th)
                 for kind, step in (("fwd", fwd), ("fb", fwd_bwd)):
-                    time.sleep(0.01)  # let OpenMP threads spinning after the previous call go to sleep
-                    t0, c0 = time.perf_counter(), time.process_time()
+                    time.sleep(0.05)  # let OpenMP threads spinning after the previous call go to sleep
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     step(fn)
                     if rnd >= warmup:
                         times[peer, th, kind].append(1e3 * (time.perf_counter() - t0))
-                        if kind == "fb":  # CPU time of all the process's threads: the work, not the wait
-                            times[peer, th, "fb_cpu"].append(1e3 * (time.process_time() - c0))
+                        if kind == "fb":  # CPU time of the calling thread: at 1 thread the work, not the wait
+                            times[peer, th, "fb_cpu"].append(1e3 * (time.thread_time() - c0))
     torch.set_num_threads(threads[0])
     states = b * d * n * l
     rows = {}
@@ -302,9 +305,9 @@ def bench_shape_cpu(b, d, l, n, dtype, peers, threads, warmup, reps, z=True):
 
 
 def print_table_cpu(rows, threads):
-    """Wall-clock medians per thread count, then the forward+backward CPU time (all threads of the
-    process) at threads[0]: on a loaded machine the wall clock also counts the time spent waiting
-    for a core, the CPU time only the work (and any spinning)."""
+    """Wall-clock medians per thread count, then the forward+backward CPU time of the calling
+    thread at threads[0] (at 1 thread all of the work): on a loaded machine the wall clock also
+    counts the time spent waiting for a core, the CPU time only the work."""
     cols = [f"{kind}_{th}t" for kind in ("fwd", "fb") for th in threads] + [f"fb_cpu_{threads[0]}t"]
     print(f"  {'backend':<12}" + "".join(f"{c.replace('_', ' ') + ' ms':>13}" for c in cols)
           + f"{'B/state':>9}{'peak MiB':>10}" + "".join(f"{'cpu x ' + c.replace('_', ' '):>16}" for c in cols[2:]))

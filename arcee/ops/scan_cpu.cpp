@@ -151,8 +151,11 @@ void work(Job& job) {
 
 class Pool {
  public:
+  // Helpers only when each thread gets >= 4 tasks: a helper descheduled mid-task then delays
+  // the caller by at most a quarter of its share (with 2 tasks on 2 threads, by all of it).
   void run(int64_t ntasks, int threads, const std::function<void(int64_t)>& fn) {
-    if (threads <= 1 || ntasks <= 1) {
+    threads = (int)std::min<int64_t>(threads, ntasks / 4);
+    if (threads <= 1) {
       for (int64_t i = 0; i < ntasks; ++i) fn(i);
       return;
     }

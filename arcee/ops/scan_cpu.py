@@ -10,11 +10,11 @@ REFERENCE.md section 1 and docs/ops.md.
 
 Threads (`threads()`): up to `torch.get_num_threads()`, fewer when other threads are runnable
 right now (Linux: /proc/loadavg), so that an oversubscribed machine runs the scan on the calling
-thread instead of waiting for a descheduled helper. Helpers claim tasks (16 channels of one batch
-element forward, one group of one batch element backward) from a shared counter and sleep between
-calls; the caller never waits for a helper that has not started. None of it is torch's OpenMP,
-whose spinning workers are what made the old path 8-68x slower at 2 threads on a busy 2-core
-machine (benchmarks/scan.py measures 1 against 2 threads).
+thread instead of waiting for a descheduled helper, and only as many as get 4 tasks each. Helpers
+claim tasks (16 channels of one batch element forward, one group of one batch element backward)
+from a shared counter and sleep between calls; the caller never waits for a helper that has not
+started. None of it is torch's OpenMP, whose spinning workers are what made the old path 8-68x
+slower at 2 threads on a busy 2-core machine (benchmarks/scan.py measures 1 against 2 threads).
 """
 import ctypes
 import hashlib
