@@ -44,14 +44,15 @@ def main(cfg: DictConfig) -> dict:
     from arcee.sample import ImageSampler, export_npz, load_generator, make_grid, read_folder, read_step, sample_folder
     from arcee.sample.generate import check_sampling_args, save_png
 
-    cfg = typed_config(cfg, SampleArgs, {"ckpt": "a training checkpoint folder or an exported .safetensors",
+    cfg = typed_config(cfg, SampleArgs, {"ckpt": "a training checkpoint folder, an exported .safetensors, "
+                                                 "a save_pretrained folder or a Hub id owner/name",
                                          "out_dir": "the folder to write the PNGs to"})
     check_sampling_args(seed=cfg.seed, sampler=cfg.sampler, steps=cfg.steps, atol=cfg.atol, rtol=cfg.rtol,
                         cfg_scale=cfg.cfg_scale, class_label=cfg.class_label)
     require(cfg.grid >= 0, "grid", cfg.grid, "an integer >= 0 (0: no grid)")
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo ranks without GPUs
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
-    ckpt = os.path.abspath(cfg.ckpt)
+    ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else maybe a Hub id owner/name
     model, model_cfg = load_generator(ckpt, use_ema=cfg.use_ema, device=state.device)
     sampler = ImageSampler(model, model_cfg, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.steps, atol=cfg.atol,
                            rtol=cfg.rtol, cfg_scale=cfg.cfg_scale, class_label=cfg.class_label)

@@ -130,9 +130,16 @@ def inception_location(mode: str) -> tuple[str, str]:
 
 
 def _load_inception(mode: str, device):
-    from cleanfid.features import build_feature_extractor as cleanfid_extractor
+    from arcee.net import unreachable
 
     url, path = inception_location(mode)
+    why = None if os.path.exists(path) else unreachable(url)  # seconds, not the download's minutes of time-outs
+    if why:
+        raise UserError(
+            f"cannot download the Inception weights for FID (mode={mode}): {why}. Download {url} on a machine "
+            f"with internet access and place it at {path}, or pass feature_extractor=<custom module>.")
+    from cleanfid.features import build_feature_extractor as cleanfid_extractor
+
     try:
         return cleanfid_extractor(mode, device, use_dataparallel=False)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:

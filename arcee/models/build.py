@@ -13,6 +13,11 @@ def build_model(cfg) -> ZigMa:
     """Build the backbone from a model config node. Interpolations are resolved (inside a
     composed config `${oc.select:data.image_size,32}` reads the data node); `dt_rank: auto`
     means ceil(width / 16). Unknown or missing keys raise ValueError naming them."""
+    return ZigMa(**model_kwargs(cfg))
+
+
+def model_kwargs(cfg) -> dict:
+    """ZigMa's keyword arguments from a model config node (checked; see `build_model`)."""
     if not isinstance(cfg, Mapping):
         raise TypeError(f"build_model expects a model config node (DictConfig or dict), got {type(cfg).__name__}")
     if not OmegaConf.is_config(cfg):
@@ -27,4 +32,4 @@ def build_model(cfg) -> ZigMa:
         raise ValueError(f"model config: missing key(s) {missing}")
     if kwargs.get("dt_rank") == "auto":
         kwargs["dt_rank"] = None  # the mixer uses ceil(width / 16)
-    return ZigMa(**kwargs)
+    return kwargs

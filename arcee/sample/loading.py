@@ -26,6 +26,8 @@ log = logging.getLogger("arcee.sample")
 
 # wrappers that prefix parameter names: torch.compile, DDP / DataParallel
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"  # huggingface_hub's save_pretrained layout
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 CHECKSUMS = "SHA256SUMS"  # in every checkpoint folder: "<sha256>  <file>" lines, written last
 HASH_KEY = "sha256"  # export metadata key: content_sha256 of the file's tensors and other metadata
 
@@ -158,9 +160,24 @@ def _strip(key: str) -> str:
 
 
 def _resolve(path: Path, use_ema: bool):
-    """-> (weights file, cfg) for a checkpoint folder or an export, both verified against their hashes."""
+    """-> (weights file, cfg) for a checkpoint folder or an export, both verified against their hashes.
+
+    Also a folder in the Hugging Face Hub layout (`ZigMaHub.save_pretrained`: config.json +
+    model.safetensors, one set of weights) or a Hub id `owner/name` (downloaded to the Hub cache).
+    """
+    if not path.exists() and _HUB_ID.match(str(path)):
+        path = _hub_download(str(path))
     if not path.exists():
-        raise FileNotFoundError(f"ckpt: {path} does not exist (expected a checkpoint folder or a .safetensors export)")
+        raise FileNotFoundError(f"ckpt: {path} does not exist (expected a checkpoint folder, a .safetensors export, "
+                                "a save_pretrained folder or a Hugging Face Hub id owner/name)")
+    if path.is_dir() and (path / HUB_CONFIG).is_file() and not (path / "config.yaml").is_file():
+        weights = path / HUB_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"ckpt: {path} has {HUB_CONFIG} but no {HUB_WEIGHTS} (a save_pretrained folder)")
+        try:
+            return weights, OmegaConf.create(json.loads((path / HUB_CONFIG).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DamagedFileError(f"ckpt: {path / HUB_CONFIG} is not readable JSON ({e})") from None
     if path.is_dir():
         weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
         if not weights.is_file():
@@ -185,6 +202,32 @@ def _resolve(path: Path, use_ema: bool):
         raise ValueError(f"ckpt: {path} has no 'config' metadata key; export it with arcee.sample.save_generator")
     verify_export(path)
     return path, OmegaConf.create(meta["config"])
+
+
+def _hub_download(repo_id: str) -> Path:
+    """The local snapshot of Hub model `repo_id` (config.json + model.safetensors): from the Hub cache when
+    there, else downloaded; fails within seconds, naming the cause, when the Hub cannot be reached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from arcee.net import unreachable
+
+    files = [HUB_CONFIG, HUB_WEIGHTS]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+    if why:
+        raise FileNotFoundError(f"ckpt={repo_id}: not a local file or folder, and as a Hugging Face Hub id it is not "
+                                f"in the Hub cache and cannot be downloaded ({why}). Pass a local checkpoint or "
+                                f"save_pretrained folder, or download {repo_id} where there is network.")
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=files))
+    except Exception as e:  # huggingface_hub's errors: repository not found, gated, HTTP errors
+        raise FileNotFoundError(f"ckpt={repo_id}: not a local file or folder, and downloading it from the Hugging "
+                                f"Face Hub failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return folder
 
 
 def verify_export(path) -> None:

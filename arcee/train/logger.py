@@ -8,7 +8,9 @@ The wandb run id lives in `<run>/wandb_id.txt`, so a resumed run continues the s
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -16,8 +18,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+log = logging.getLogger("arcee.train")
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id.txt"
+LOSS_CURVE = "loss.png"
 
 
 class RunLogger:
@@ -79,6 +83,51 @@ def read_metrics(run_dir) -> list[dict]:
         if "step" in rec and "event" not in rec:
             by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss_curve(run_dir, path=None) -> Path | None:
+    """Training loss (and learning rate) against step from `<run>/metrics.jsonl` -> `<run>/loss.png` (atomic).
+
+    Returns the PNG's path; None when there is nothing to plot yet, or without matplotlib (a
+    one-line warning, once per process). Uses matplotlib's Agg canvas: no global backend change.
+    """
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _warned_no_matplotlib:
+            log.warning("matplotlib is not installed: no %s in the run folder (pip install matplotlib)", LOSS_CURVE)
+            _warned_no_matplotlib = True
+        return None
+    from arcee.io import atomic_write_bytes
+
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    fig = Figure(figsize=(6, 3.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, [r["loss"] for r in records], color="C0", lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="C0")
+    ax.grid(alpha=0.3, which="both")
+    if all("lr" in r for r in records):
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [r["lr"] for r in records], color="C1", lw=1, ls="--")
+        lr_ax.set_ylabel("learning rate", color="C1")
+        lr_ax.set_ylim(bottom=0)
+    ax.set_title(f"{Path(run_dir).absolute().name}: step {steps[-1]}, loss {records[-1]['loss']:.4f}", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(path) if path is not None else Path(run_dir) / LOSS_CURVE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+_warned_no_matplotlib = False
 
 
 def read_events(run_dir, event: str | None = None) -> list[dict]:

@@ -74,6 +74,7 @@ class TrainConfig:
     fid_num_samples: int = 1000  # generated images per in-training FID (the paper's final FID uses 50k offline)
     fid_feature_extractor: str = "inception"  # inception | pkg.module:attr | a TorchScript .pt (arcee.metrics)
     encode_latents: bool = False  # pixel data + the data node's VAE on the fly -> latents (slow; prefer shards)
+    digits_check: int = 0  # data=digits only: at the end, classifier FD + confident fraction of N EMA samples; 0 = off
 
 
 @dataclass
@@ -131,6 +132,8 @@ def check_config(cfg, num_processes: int = 1) -> None:
         _require(t[key] >= 1, f"train.{key}", "an integer >= 1", t[key])
     for key in ("ckpt_every", "sample_every", "milestone_every", "ema_warmup", "fid_every"):
         _require(t[key] >= 0, f"train.{key}", "an integer >= 0", t[key])
+    _require(t.digits_check == 0 or t.digits_check >= 2, "train.digits_check", "0 (off) or >= 2 samples",
+             t.digits_check)
     _require(t.fid_every == 0 or t.fid_num_samples >= 2, "train.fid_num_samples", ">= 2 for FID/KID",
              t.fid_num_samples)
     _require(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)

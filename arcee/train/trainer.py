@@ -39,7 +39,7 @@ from arcee.models import build_model
 from .checkpoint import (clean_stale, ckpt_name, list_checkpoints, load_arcee_state, lock_run_dir, newest_intact,
                          prune, save_checkpoint, unlock_run_dir)
 from .ema import EMA
-from .logger import METRICS, WANDB_ID, RunLogger
+from .logger import METRICS, WANDB_ID, RunLogger, plot_loss_curve
 from .sampler import ResumableBatchSampler, SeededSamples
 from .schema import check_config
 
@@ -179,6 +179,8 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
 
     hosts = gather_object([(rank, world, socket.gethostname(), str(device))])
     log.info("rank %d/%d on %s (%s)", rank, world, socket.gethostname(), device)
+    if main:
+        log.info("run folder: %s", _shown(run_dir))
     start = {"event": "resume" if state is not None else "start", "world_size": world, "ranks": hosts,
              "mixed_precision": _enum(tc.mixed_precision),
              "per_process_batch": tc.batch_size // (world * tc.grad_accum), "cursor": cursor,
@@ -200,6 +202,8 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
             for p in prune(ckpt_dir, tc.keep_last, tc.milestone_every):
                 log.info("deleted old checkpoint %s", p)
         logger.log({"event": "checkpoint", "path": str(path.relative_to(run_dir))}, step=step)
+        if main:
+            plot_loss_curve(run_dir)  # <run>/loss.png from metrics.jsonl
         return path
 
     loss_acc = torch.zeros((), device=device)
@@ -284,10 +288,16 @@ def _train(cfg, accelerator, run_dir, ckpt_dir, transport, dataset, model, vae, 
         from arcee.sample import save_generator
 
         save_generator(run_dir / EXPORT, ema.state_dict(), cfg, step)
+        if tc.digits_check and cfg.data.get("name") == "digits" and vae is None:
+            _digits_check(cfg, ema, step, logger)
+        elif tc.digits_check:
+            log.info("train.digits_check: skipped (the digits classifier scores data=digits in pixel space only)")
     fingerprints = gather_object([_fingerprint(raw_model)])  # ranks must hold the same weights
     logger.log({"event": "done", "preempted": preempted, "world_size": world, "weights_sha256": fingerprints,
                 "export": None if preempted else EXPORT}, step=step)
     logger.close()
+    if main and not preempted:
+        _say_next(cfg, run_dir)
     return {"step": step, "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
             "preempted": preempted, "last": record, "world_size": world, "weights_sha256": fingerprints}
 
@@ -516,6 +526,37 @@ def _sample_grid(cfg, ema, transport, vae, run_dir, step, logger, accelerator) -
             sample_grid(ema.model, transport, cfg, n=cfg.train.sample_n, seed=cfg.seed, path=path, **solver)
         logger.log_image("samples", path, step)
     accelerator.wait_for_everyone()
+
+
+def _digits_check(cfg, ema, step, logger) -> None:
+    """Are the final EMA samples digits? Classifier FD and confident fraction of samples 0..N-1 (the grid's
+    sampler and seed) beside N real digits (arcee.metrics.digits_score); logged and in metrics.jsonl."""
+    from arcee.metrics.digits_score import digits_report, format_report
+
+    tc = cfg.train
+    solver = {k: v for k, v in (("sampler", tc.sample_sampler), ("steps", tc.sample_steps)) if v is not None}
+    log.info("digits check: scoring %d EMA samples with the digits classifier (trained once on first use, then "
+             "cached)", tc.digits_check)
+    report = digits_report(ema.model, cfg, tc.digits_check, seed=cfg.seed, **solver)
+    for line in format_report(report).splitlines():
+        log.info(line)
+    logger.log({"event": "digits_check", **{f"{who}_{k}": v for who in ("samples", "real")
+                                            for k, v in report[who].items()},
+                "threshold": report["threshold"], "nfe_per_image": report["nfe_per_image"]}, step=step)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (as the user typed it), else absolute."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def _say_next(cfg, run_dir: Path) -> None:
+    """Where the run is, and the command that samples its export."""
+    where = _shown(run_dir)
+    log.info("done: run folder %s (%s, samples/, loss.png, metrics.jsonl, checkpoints/)", where, EXPORT)
+    log.info("next: python sample.py ckpt=%s out_dir=samples/%s num_samples=64", os.path.join(where, EXPORT),
+             cfg.name)
 
 
 def _evaluator(cfg, device):
