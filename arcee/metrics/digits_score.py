@@ -1,8 +1,9 @@
 """Are a digits generator's samples digits? Classifier FD and the confident fraction, beside real digits.
 
-    report = digits_report(ema_model, cfg, num_samples=400, sampler="heun", steps=16)
-    report["samples"]   # {"fd": 3.1, "confident": 0.93, "n": 400}: samples 0..399 of seed cfg.seed
+    report = digits_report(ema_model, cfg, num_samples=400, sampler="heun", steps=8)
+    report["samples"]   # {"fd": ..., "confident": ..., "n": 400}: samples 0..399 of seed cfg.seed
     report["real"]      # the same two figures for 400 real digits of the reference (the floor)
+    print(format_report(report))                        # what `python train.py` prints at the end
 
 FD is the Frechet distance in the 64-d penultimate features of the digits classifier
 (``arcee.metrics.digits_classifier``; the same FD as ``scripts/digits_repro.py``, computed by

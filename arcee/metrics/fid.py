@@ -136,8 +136,9 @@ def _load_inception(mode: str, device):
     why = None if os.path.exists(path) else unreachable(url)  # seconds, not the download's minutes of time-outs
     if why:
         raise UserError(
-            f"cannot download the Inception weights for FID (mode={mode}): {why}. Download {url} on a machine "
-            f"with internet access and place it at {path}, or pass feature_extractor=<custom module>.")
+            f"cannot download the Inception weights for FID (mode={mode}): network unreachable ({why}). Download "
+            f"{url} on a machine with internet access and place it at {path}, or pass "
+            "feature_extractor=<custom module>.")
     from cleanfid.features import build_feature_extractor as cleanfid_extractor
 
     try:

@@ -3,7 +3,7 @@
     gen = ZigMaHub.from_config(cfg)                 # cfg: the full resolved config (model, data, flow nodes)
     gen.load_state_dict(ema_state)
     gen.save_pretrained("exports/digits_xs")        # config.json + model.safetensors (+ a README model card)
-    gen.push_to_hub("user/digits_xs")               # needs network and `huggingface-cli login`
+    gen.push_to_hub("user/digits_xs")               # needs network and `hf auth login`
     gen = ZigMaHub.from_pretrained("exports/digits_xs")   # or a Hub id "user/digits_xs"
     gen.config["flow"]                              # how to sample it
 

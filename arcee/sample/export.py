@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="new folder for config.json + model.safetensors + README.md")
     p.add_argument("--raw", action="store_true", help="a checkpoint folder's raw weights instead of its EMA")
     p.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
-                   help="also upload the folder to this Hub model repo (network and `huggingface-cli login`)")
+                   help="also upload the folder to this Hub model repo (network and `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
