@@ -408,9 +408,10 @@ def test_process_count_changes_only_float_rounding(tmp_path):
 
     one = weights(tmp_path / "one")
     lr = cfg_of().optim.lr
+    worst = 0.0
     for other in (two, resumed):
         w = weights(other)
-        worst = max((w[k] - one[k]).abs().max().item() for k in one)
+        worst = max(worst, max((w[k] - one[k]).abs().max().item() for k in one))
         assert worst < 1e-2 * lr, (other.name, worst)  # measured: 1.2e-7 = 1.2e-4 lr (a few ulps)
     # what the test would see if the noise depended on the process layout: another data seed
     from arcee.train import sampler
@@ -421,4 +422,7 @@ def test_process_count_changes_only_float_rounding(tmp_path):
     finally:
         sampler.sample_seeds = real
     w = weights(tmp_path / "other_noise")
-    assert max((w[k] - one[k]).abs().max().item() for k in one) > 0.5 * lr
+    moved = max((w[k] - one[k]).abs().max().item() for k in one)
+    # the tolerance above must be far below what noise tied to the process layout would change
+    # (how far 4 steps move depends on the warm-up and optimizer presets: measured ~0.3 lr)
+    assert moved > 1e-2 * lr and moved > 100 * worst, (moved, worst, lr)
