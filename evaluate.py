@@ -15,11 +15,13 @@ import torch
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from arcee.errors import require, run_main, typed_config
+from arcee.sample import SamplerArgs
 
 
 @dataclass
-class EvaluateArgs:
-    """The types of configs/evaluate.yaml's keys (their defaults and meaning live there)."""
+class EvaluateArgs(SamplerArgs):
+    """The types of configs/evaluate.yaml's keys (their defaults and meaning live there;
+    the sampler keys: arcee.sample.SamplerArgs)."""
 
     samples: Any = MISSING
     ckpt: Any = MISSING
@@ -27,12 +29,6 @@ class EvaluateArgs:
     num_samples: int = MISSING
     use_ema: bool = MISSING
     seed: int = MISSING
-    sampler: Optional[str] = MISSING
-    steps: Optional[int] = MISSING
-    atol: Optional[float] = MISSING
-    rtol: Optional[float] = MISSING
-    cfg_scale: Optional[float] = MISSING
-    class_label: Optional[int] = MISSING
     mode: str = MISSING
     feature_extractor: str = MISSING
     resize: bool = MISSING

@@ -6,18 +6,19 @@
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import hydra
 import torch
 from omegaconf import MISSING, DictConfig
 
 from arcee.errors import require, run_main, typed_config
+from arcee.sample import SamplerArgs
 
 
 @dataclass
-class SampleArgs:
-    """The types of configs/sample.yaml's keys (their defaults and meaning live there)."""
+class SampleArgs(SamplerArgs):
+    """The types of configs/sample.yaml's keys (their defaults and meaning live there;
+    the sampler keys: arcee.sample.SamplerArgs)."""
 
     ckpt: str = MISSING
     use_ema: bool = MISSING
@@ -25,12 +26,6 @@ class SampleArgs:
     num_samples: int = MISSING
     seed: int = MISSING
     batch_size: int = MISSING
-    sampler: Optional[str] = MISSING
-    steps: Optional[int] = MISSING
-    atol: Optional[float] = MISSING
-    rtol: Optional[float] = MISSING
-    cfg_scale: Optional[float] = MISSING
-    class_label: Optional[int] = MISSING
     grid: int = MISSING
     npz: bool = MISSING
     tf32: bool = MISSING

@@ -21,10 +21,13 @@ import re
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from PIL import Image
 
 from arcee.errors import is_int, require
@@ -51,6 +54,18 @@ def draw_inputs(indices, shape, num_classes: int, seed: int, class_label: int | 
         if num_classes > 0:
             ys.append(torch.tensor(int(g.integers(num_classes)) if class_label is None else class_label))
     return torch.stack(xs), (torch.stack(ys) if ys else None)
+
+
+@dataclass
+class SamplerArgs:
+    """The types of the sampler keys that sample.py and evaluate.py share (null: the checkpoint's)."""
+
+    sampler: Optional[str] = MISSING
+    steps: Optional[int] = MISSING
+    atol: Optional[float] = MISSING
+    rtol: Optional[float] = MISSING
+    cfg_scale: Optional[float] = MISSING
+    class_label: Optional[int] = MISSING
 
 
 def check_sampling_args(*, seed=0, sampler=None, steps=None, atol=None, rtol=None, cfg_scale=None,
