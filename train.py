@@ -10,9 +10,10 @@ arcee/train/trainer.py for what it holds.
 import os
 import sys
 
-# OpenMP threads that spin while they wait make each step of a small model 10x slower or worse as soon as
-# another process shares the cores (ZigMa-XS, batch 64, load ~1.5: 0.30 s per step with 1 thread, 3-4.5 s
-# with 2 spinning threads, 0.35-0.41 s with 2 passive ones). Set before torch loads OpenMP.
+# OpenMP threads that spin while they wait can make each step of a small model 10x slower as soon as
+# another process shares the cores (ZigMa-XS, batch 64, 2 cores at load ~1.5: 0.30 s per step with 1
+# thread, 3-4.5 s with 2 spinning threads, 0.35-0.41 s with 2 passive ones; with a core free: 0.23 s
+# spinning, 0.27-0.32 s passive). Passive waiting bounds the loss. Set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
