@@ -107,7 +107,7 @@ def _pruner():
     def prune(configs, named_args, **kwargs):
         dpg = named_args["dim"] // named_args["ngroups"]
         fits = [c for c in configs if c.kwargs["BLOCK_D"] <= triton.next_power_of_2(dpg)]
-        return [max(fits or configs, key=lambda c: c.kwargs["BLOCK_D"]) if fits else
+        return [max(fits, key=lambda c: c.kwargs["BLOCK_D"]) if fits else
                 min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
     return prune
 
