@@ -68,13 +68,15 @@ def tool(name):
 # ----------------------------------------------------------------------------- compile
 
 def call_args(kernel, b, d, l, n, dtype):
-    """The scalar arguments the host wrapper passes (contiguous tensors, g = 1, the model's flags)."""
-    items = st._items({"bf16": __import__("torch").bfloat16, "fp16": __import__("torch").float16,
-                       "fp32": __import__("torch").float32}[dtype])
-    chunk = st.LANES * items
-    nchunks = math.ceil(l / chunk)
+    """The scalar arguments the host wrapper passes (contiguous tensors, g = 1, the model's flags).
+    Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, SUB)."""
+    import torch
+    plan = st._plan({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], l)
+    sub = plan.sub if kernel == "fwd" else 1
+    chunk, items = plan.chunk * sub, plan.items * sub
     bdl, bnl, bdn = (d * l, l, 1), (n * l, n * l, l, 1), (d * n, n, 1)
-    vals = dict(dim=d, dstate=n, seqlen=l, nchunks=nchunks, ngroups=1, s_Ad=n, s_An=1, s_D=1, s_bias=1)
+    vals = dict(dim=d, dstate=n, seqlen=l, nchunks=plan.nchunks, nslots=plan.nchunks, ngroups=1,
+                s_Ad=n, s_An=1, s_D=1, s_bias=1)
     for pre in ("u", "d", "z", "o"):
         vals.update({f"s_{pre}b": bdl[0], f"s_{pre}d": bdl[1], f"s_{pre}l": bdl[2]})
     for pre in ("B", "C"):
@@ -82,13 +84,13 @@ def call_args(kernel, b, d, l, n, dtype):
     for pre in ("h", "g"):
         vals.update({f"s_{pre}b": bdn[0], f"s_{pre}d": bdn[1], f"s_{pre}n": bdn[2]})
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=True, HAS_DHT=True, SOFTPLUS=True,
-                 ACC=tl.float32, FAST=True, L=chunk, ITEMS=items, VEC_ATOMICS=l % 4 == 0)
-    return vals, flags, chunk, nchunks, items
+                 ACC=tl.float32, FAST=True, L=chunk, ITEMS=items, SUB=sub, VEC_ATOMICS=l % 4 == 0)
+    return vals, flags, chunk, plan.nchunks, items, sub
 
 
 def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None):
     fn = (st._fwd_kernel if kernel == "fwd" else st._bwd_kernel).fn
-    vals, flags, chunk, nchunks, items = call_args(kernel, b, d, l, n, dtype)
+    vals, flags, chunk, nchunks, items, sub = call_args(kernel, b, d, l, n, dtype)
     const = {k: v for k, v in {**flags, "BLOCK_D": block_d}.items() if k in fn.arg_names}
     const.update({k: 1 for k, v in vals.items() if k in fn.arg_names and v == 1})  # JIT: ints == 1
     sig, div16 = {}, []
@@ -105,13 +107,14 @@ def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None):
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     compiled = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, maxnreg=maxnreg))
-    return compiled, chunk, nchunks, items
+    return compiled, chunk, nchunks, items, sub
 
 
-def kept_configs(kernel, d, n, l):
+def kept_configs(kernel, d, n, l, dtype="bf16"):
     """Every config the autotuner may pick at this shape: the GPU list, pruned like at run time."""
     configs = st._gpu_configs("fwd" if kernel == "fwd" else "bwd")
-    return st._pruner()(configs, {"dim": d, "ngroups": 1})
+    sub = call_args(kernel, 1, d, l, n, dtype)[5]
+    return st._pruner()(configs, {"dim": d, "ngroups": 1}, SUB=sub)
 
 
 # ----------------------------------------------------------------------------- SASS
@@ -193,36 +196,59 @@ def occupancy(regs, shared, warps):
     return blocks * warps / 64
 
 
-def layout_check(ttgir, items):
-    """The [BLOCK_D, L] tiles must give each lane ITEMS consecutive steps in one warp (the shift's
-    and the masked stores' assumption). Returns the hot layout string and whether it holds."""
-    want = f"sizePerThread = [1, {items}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]"
+def layout_check(ttgir, ptx, items, sub=1):
+    """The [BLOCK_D, L] tiles must give each lane one 16-byte vector of steps (ITEMS / SUB) per
+    round, lanes in order, in one warp: with the column order of _time_order, each lane then holds
+    ITEMS consecutive steps (the scans', the shift's and the one-lane stores' assumption). With
+    SUB = 2 the PTX must also load a lane's two vectors from addresses 16 bytes apart (registers
+    run vector by vector). Returns the hot layout string and whether it all holds."""
+    want = (f"sizePerThread = [1, {items // sub}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], "
+            "order = [1, 0]")
     lays = re.findall(r"#blocked\d* = #ttg\.blocked<\{([^}]*)\}>", ttgir)
-    return want, any(want == lay.strip() for lay in lays)
+    ok = any(want == lay.strip() for lay in lays)
+    if sub > 1:
+        loaded = set(re.findall(r"ld\.global\.v4\.b32 \{[^}]*\}, \[ (%rd\d+) \+ 0 \]", ptx))
+        pairs = re.findall(r"add\.s64 \t(%rd\d+), (%rd\d+), 16;", ptx)
+        ok = ok and any(hi in loaded and lo in loaded for hi, lo in pairs)
+    return want, ok
 
 
 # ----------------------------------------------------------------------------- HBM model
 
 def hbm_bytes(kernel, b, d, l, n, e, nchunks, g=1, state_io=True):
     """Bytes per (b, d, t) that must cross HBM: each tensor the kernel touches, once.
-    state_io=False: the call mamba_ssm can make (no h0 in, no dL/dh_T in, no dh0 out)."""
+    state_io=False: the call mamba_ssm can make (no h0 in, no dL/dh_T in, no dh0 out).
+    nchunks: backward chunks (saved holds the states entering chunks 1..)."""
     bc = 2 * g * n * e / d  # B and C, shared by the d / g channels of a group
     states = 4 * n / l  # one fp32 (b, d, n) state tensor, per time step
     saved = states * (nchunks - 1)  # states entering chunks 1.., written forward, read backward
     if kernel == "fwd":  # u, delta, z in; out; B, C; h_T out (always); h0 in
         return 3 * e + e + bc + states + saved + (states if state_io else 0.0)
-    # dout, u, delta, z in; du, ddelta, dz out; B, C in; dB, dC out (fp32); h0, dh_T in, dh0 out
-    return 4 * e + 3 * e + bc + 2 * g * n * 4 / d + saved + (3 * states if state_io else 0.0)
+    # the lam carries between chunks go through two (b, d, n) buffers used in turn (one is dh0),
+    # rewritten in place: each is written back once (L2 write-back), at most 2 of them
+    carries = states * min(nchunks - 1, 2)
+    # dout, u, delta, z in; du, ddelta, dz out; B, C in; dB, dC out (fp32); saved in; h0, dh_T in, dh0 out
+    return 4 * e + 3 * e + bc + 2 * g * n * 4 / d + saved + carries + (3 * states if state_io else 0.0)
 
 
 def mamba_hbm_bytes(kernel, l, n, e, d, g=1):
-    """mamba_ssm's selective_scan_fn at the same shape (no h0, no h_T), by the same rule: it saves x,
-    the running (a, b) pair per 2048-step chunk, fp32 (REFERENCE.md)."""
-    x = 8 * n * math.ceil(l / 2048) / l
+    """mamba_ssm's selective_scan_fn with z at the same shape (no h0, no h_T), by the same rule, as
+    its csrc/selective_scan kernels read and write (REFERENCE.md section 1):
+    - forward: u, delta, z in; `out` (before the gate, kept for the backward) and `out_z` written;
+      x, the running (a, b) pair of every 2048-step chunk, written (fp32, 8 n B per chunk);
+    - backward: dout, u, delta, z and `out` in (dz = dout out sigma(z)(1 + z(1 - sigma(z))));
+      du, ddelta, dz out; dB, dC fp32; x read for the chunks after the first only."""
+    chunks = math.ceil(l / 2048)
     bc = 2 * g * n * e / d
     if kernel == "fwd":
-        return 3 * e + e + bc + x
-    return 4 * e + 3 * e + bc + 2 * g * n * 4 / d + x
+        return 3 * e + 2 * e + bc + 8 * n * chunks / l
+    return 5 * e + 3 * e + bc + 2 * g * n * 4 / d + 8 * n * (chunks - 1) / l
+
+
+def floor_hbm_bytes(kernel, e):
+    """REFERENCE.md's physical floor, bf16 with z: u, delta, z in and out written (fwd, 8 B); dout,
+    u, delta, z in, du, ddelta, dz out (bwd, 14 B): what no kernel can go under."""
+    return 4 * e if kernel == "fwd" else 7 * e
 
 
 # ----------------------------------------------------------------------------- main
@@ -230,7 +256,7 @@ def mamba_hbm_bytes(kernel, l, n, e, d, g=1):
 def analyse(kernel, shape, dtype, config, dump=None):
     b, d, l, n = shape
     bd, warps = config.kwargs["BLOCK_D"], config.num_warps
-    compiled, chunk, nchunks, items = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg)
+    compiled, chunk, nchunks, items, sub = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg)
     sass, res = disassemble(compiled.asm["cubin"])
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -247,12 +273,12 @@ def analyse(kernel, shape, dtype, config, dump=None):
     state_loop = {k: inner[k] * warps / per_trip for k in inner}
     mufu_lane = per_update["mufu"] * 32  # exps per update, counted per lane
     r = resources(res)
-    want, layout_ok = layout_check(compiled.asm["ttgir"], items)
+    want, layout_ok = layout_check(compiled.asm["ttgir"], compiled.asm["ptx"], items, sub)
     clocks = max(per_update["all"] / 4, per_update["shfl"] / 1, per_update["mufu"] / 0.5)
     e = ELEM[dtype]
     rec = dict(
         kernel=kernel, shape=dict(b=b, d=d, l=l, n=n), dtype=dtype,
-        config=dict(BLOCK_D=bd, num_warps=warps, maxnreg=config.maxnreg, L=chunk, ITEMS=items),
+        config=dict(BLOCK_D=bd, num_warps=warps, maxnreg=config.maxnreg, L=chunk, ITEMS=items, SUB=sub),
         warp_instr_per_update=per_update["all"], shfl_per_update=per_update["shfl"], mufu_per_update=mufu_lane,
         ldg_per_update=per_update["ldg"], stg_per_update=per_update["stg"], bar_per_update=per_update["bar"],
         atomics_per_update=per_update["atom"], smem_ops_per_update=per_update["lds_sts"],
@@ -264,6 +290,7 @@ def analyse(kernel, shape, dtype, config, dump=None):
         hbm_bytes_per_bdt=hbm_bytes(kernel, b, d, l, n, e, nchunks),
         hbm_bytes_per_bdt_as_mamba=hbm_bytes(kernel, b, d, l, n, e, nchunks, state_io=False),
         mamba_hbm_bytes_per_bdt=mamba_hbm_bytes(kernel, l, n, e, d),
+        floor_hbm_bytes_per_bdt=floor_hbm_bytes(kernel, e),
         l2_atomic_bytes_per_bdt=(2 * n * 4 / bd) if kernel == "bwd" else 0.0,
         exps_per_bdt=(inner["mufu"] * n + rest["mufu"]) * 32 / per_trip * warps,
         state_loop_instructions=ihi - ilo + 1, chunk_loop_instructions=ohi - olo + 1,
@@ -310,7 +337,7 @@ def main(argv=None):
     for shape in shapes:
         b, d, l, n = shape
         for kernel in args.kernels:
-            for config in kept_configs(kernel, d, n, l):
+            for config in kept_configs(kernel, d, n, l, args.dtype):
                 if args.block_d and config.kwargs["BLOCK_D"] not in args.block_d:
                     continue
                 records.append(analyse(kernel, shape, args.dtype, config, args.dump))

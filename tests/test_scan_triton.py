@@ -246,7 +246,7 @@ def test_h0_none_equals_zeros_and_linearity(st):
 @pytest.mark.parametrize("l", [1, 7, 64, 1000])
 def test_plan_covers_the_sequence(st, dtype, l):
     """One lane holds one 16-byte vector of steps; the chunks cover l exactly once."""
-    items, chunk, nchunks = st._plan(dtype, l)
+    items, chunk, nchunks, sub = st._plan(dtype, l)
     assert items * torch.empty((), dtype=dtype).element_size() == 16
     assert chunk * (nchunks - 1) < l <= chunk * nchunks
 
@@ -346,7 +346,7 @@ def test_complex_A_is_refused_clearly():
 
 # ----------------------------------------------------------------------------- the GPU-only PTX, on CPU
 
-@pytest.mark.parametrize("items", [8, 4])
+@pytest.mark.parametrize("items", [16, 8, 4])
 def test_forward_scan_ptx_matches_a_float64_loop(st, items):
     """The kernels' hand-written forward scan (GPU only) run instruction by instruction here:
     h_t = a_t h_{t-1} + b_t over 32 lanes x items steps from h_{-1} = h_in."""
@@ -462,10 +462,14 @@ def test_static_tool_on_sm90(tmp_path):
     out = tmp_path / "static.json"
     root = os.path.join(os.path.dirname(__file__), "..")
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_static.py"), "--shape", "2,64,256,16",
-                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+                        "--shape", "2,64,512,16", "--json", str(out)], env=env, capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {rec["kernel"] for rec in records} == {"fwd", "bwd"}
+    # l = 512: the forward walks chunks of two backward chunks, a lane holding two 16-byte vectors
+    assert {(rec["kernel"], rec["shape"]["l"], rec["config"]["SUB"]) for rec in records} == {
+        ("fwd", 256, 1), ("bwd", 256, 1), ("fwd", 512, 2), ("bwd", 512, 1)}
     for rec in records:
         assert rec["layout_ok"], f"{rec['kernel']}: the [BLOCK_D, L] tiles no longer have layout {rec['layout']}"
         assert 0 < rec["state_loop_warp_instr_per_update"] <= rec["warp_instr_per_update"]

@@ -11,10 +11,15 @@ shuffle rounds across the warp, amortised over ``ITEMS`` steps. ``y_t = sum_n C_
 ``du``, ``ddelta`` in the backward) accumulate in registers over the loop on ``n``: no reduction
 over ``n`` ever crosses lanes.
 
-State crossing chunks goes through memory, one value per (channel, state) and chunk: the forward
-stores the state leaving chunk k in ``saved[:, k]`` (the last chunk's in ``h_T``) and the backward
-reads it back as chunk k + 1's entry state, so ``saved`` is empty when ``l <= L``. The backward
-walks chunks in reverse; ``lam_t = dL/dh_t`` obeys ``lam_t = g_t + a_{t+1} lam_{t+1}``: a reverse
+Once a sequence spans two backward chunks, the forward walks chunks of two of them (``SUB = 2``):
+each lane holds two 16-byte vectors, ``2 ITEMS`` consecutive steps (``_time_order`` numbers the
+tile's columns so that the loads give exactly that), which spreads the shuffle rounds, paid per
+lane and state, over twice the steps. State crossing chunks goes through memory, one value per
+(channel, state) and backward chunk: the forward stores the state leaving backward chunk k in
+``saved[:, k]`` (the last one's in ``h_T``) and the backward reads it back as chunk k + 1's entry
+state, so ``saved`` is empty when ``l <= L``.
+
+The backward walks chunks in reverse; ``lam_t = dL/dh_t`` obeys ``lam_t = g_t + a_{t+1} lam_{t+1}``: a reverse
 scan over ``(a_{t+1}, g_t)``. ``a_{t+1}`` is the forward's ``a`` shifted by one step: in registers
 within a lane and one shuffle across lanes, so the backward evaluates one exp per update. What
 flows into the previous chunk, ``a_0 lam_0``, is the carry (and, for chunk 0, ``dh0``).
@@ -31,6 +36,7 @@ On a GPU the exponentials, logs and reciprocals are the single-instruction appro
 TRITON_INTERPRET must be set before this module is imported: the autotune configs depend on it.
 """
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -106,7 +112,9 @@ def _pruner():
     tile costs fewer instructions per update at every shape, so there is nothing to time."""
     def prune(configs, named_args, **kwargs):
         dpg = named_args["dim"] // named_args["ngroups"]
-        fits = [c for c in configs if c.kwargs["BLOCK_D"] <= triton.next_power_of_2(dpg)]
+        # a forward chunk of two backward chunks already holds 2 x 16 bytes of steps per lane
+        widest = 1 if kwargs.get("SUB", 1) > 1 else triton.next_power_of_2(dpg)
+        fits = [c for c in configs if c.kwargs["BLOCK_D"] <= widest]
         return [max(fits, key=lambda c: c.kwargs["BLOCK_D"]) if fits else
                 min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
     return prune
@@ -227,25 +235,30 @@ def forward_scan_ptx(items):
     return "{ " + " ".join(lines) + " }"
 
 
+_FORWARD_SCAN_16 = tl.constexpr(forward_scan_ptx(16))
 _FORWARD_SCAN_8 = tl.constexpr(forward_scan_ptx(8))
 _FORWARD_SCAN_4 = tl.constexpr(forward_scan_ptx(4))
+_FORWARD_SCAN_CONSTRAINTS_16 = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 48))
 _FORWARD_SCAN_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24))
 _FORWARD_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 12))
 
 
 @triton.jit
-def _forward_scan(a, bx, h_in, tt, ITEMS: tl.constexpr, FAST: tl.constexpr):
+def _forward_scan(a, bx, h_in, ts, ITEMS: tl.constexpr, FAST: tl.constexpr):
     """h [BD, L] with h_t = a_t h_{t-1} + bx_t from h_{-1} = h_in [BD]. FAST: forward_scan_ptx."""
     if FAST:
         hb = tl.broadcast_to(h_in[:, None], a.shape)
-        if ITEMS == 8:
+        if ITEMS == 16:
+            return tl.inline_asm_elementwise(_FORWARD_SCAN_16, _FORWARD_SCAN_CONSTRAINTS_16, [a, bx, hb],
+                                             dtype=tl.float32, is_pure=True, pack=16)
+        elif ITEMS == 8:
             return tl.inline_asm_elementwise(_FORWARD_SCAN_8, _FORWARD_SCAN_CONSTRAINTS_8, [a, bx, hb],
                                              dtype=tl.float32, is_pure=True, pack=8)
         else:
             return tl.inline_asm_elementwise(_FORWARD_SCAN_4, _FORWARD_SCAN_CONSTRAINTS_4, [a, bx, hb],
                                              dtype=tl.float32, is_pure=True, pack=4)
     else:
-        bx0 = tl.where(tt[None, :] == 0, bx + a * h_in[:, None], bx)  # the entering state: b_0 += a_0 h_in
+        bx0 = tl.where(ts[None, :] == 0, bx + a * h_in[:, None], bx)  # the entering state: b_0 += a_0 h_in
         _, h = tl.associative_scan((a, bx0), 1, _combine)
         return h
 
@@ -299,48 +312,81 @@ def _shift_next(x, tt, L: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr)
         return tl.sum(tl.where(hit, x[:, None, :], 0.0), axis=2)
 
 
-def _store_step_asm(items, first):
-    """PTX for _store_step: operands are ITEMS outputs, then ITEMS addresses, values, flags."""
-    lane, reg = (0, 0) if first else (31, items - 1)
+def _store_step_asm(items, reg):
+    """PTX for _store_step: operands are ITEMS outputs, then ITEMS addresses, values and flags;
+    a lane whose flag is set stores its register `reg`."""
     return tl.constexpr(
-        "{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; "
-        f"setp.eq.u32 p, l, {lane}; setp.ne.and.s32 p, ${3 * items + reg}, 0, p; "
+        f"{{ .reg .pred p; setp.ne.s32 p, ${3 * items + reg}, 0; "
         f"@p st.global.f32 [${items + reg}], ${2 * items + reg}; mov.b32 $0, 0; }}")
 
 
-_STORE_FIRST_8, _STORE_LAST_8 = _store_step_asm(8, True), _store_step_asm(8, False)
-_STORE_FIRST_4, _STORE_LAST_4 = _store_step_asm(4, True), _store_step_asm(4, False)
-_STORE_CONSTRAINTS_8 = tl.constexpr("=r," * 8 + "l," * 8 + "r," * 8 + "r,r,r,r,r,r,r,r")
-_STORE_CONSTRAINTS_4 = tl.constexpr("=r," * 4 + "l," * 4 + "r," * 4 + "r,r,r,r")
+def _store_lane0_asm(items):
+    """PTX for _store_step at step 0: lane 0 stores its register 0 if its flag is set."""
+    return tl.constexpr(
+        "{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.eq.u32 p, l, 0; "
+        f"setp.ne.and.s32 p, ${3 * items}, 0, p; @p st.global.f32 [${items}], ${2 * items}; mov.b32 $0, 0; }}")
+
+
+_STORE_FIRST_16, _STORE_LAST_16 = _store_lane0_asm(16), _store_step_asm(16, 15)
+_STORE_FIRST_8, _STORE_LAST_8 = _store_lane0_asm(8), _store_step_asm(8, 7)
+_STORE_FIRST_4, _STORE_LAST_4 = _store_lane0_asm(4), _store_step_asm(4, 3)
+_STORE_CONSTRAINTS_16 = tl.constexpr(",".join(["=r"] * 16 + ["l"] * 16 + ["r"] * 32))
+_STORE_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16))
+_STORE_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["l"] * 4 + ["r"] * 8))
 
 
 @triton.jit
-def _store_step(ptrs, x, mask_d, tt, STEP: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr,
-                FAST: tl.constexpr):
-    """ptrs[c] = x[c, STEP] (STEP is 0 or L - 1) for the channels in mask_d; x is a [BD, L] tile.
+def _store_step(ptrs, x, mask_d, ts, STEP: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
+    """ptrs[c] = x[c, step STEP] for the channels in mask_d; x is a [BD, L] tile whose column i
+    holds step ts[i]. STEP is the first or the last step of a lane.
 
     FAST: the lane that holds the step stores it from its registers (a tl.store would first
     convert the tile to the store's own layout through shared memory)."""
     if FAST:
-        p = (ptrs[:, None] + 0 * tt[None, :]).to(tl.int64, bitcast=True)
-        ok = (mask_d[:, None] & (tt[None, :] >= 0)).to(tl.int32)
-        if ITEMS == 8:
-            if STEP == 0:
-                tl.inline_asm_elementwise(_STORE_FIRST_8, _STORE_CONSTRAINTS_8, [p, x, ok], dtype=tl.int32,
-                                          is_pure=False, pack=8)
-            else:
-                tl.inline_asm_elementwise(_STORE_LAST_8, _STORE_CONSTRAINTS_8, [p, x, ok], dtype=tl.int32,
-                                          is_pure=False, pack=8)
+        p = (ptrs[:, None] + 0 * ts[None, :]).to(tl.int64, bitcast=True)
+        # the lane holding the step (ITEMS consecutive steps per lane), hoisted out of the state loop
+        if STEP == 0:  # lane 0: the asm reads the lane id itself (no register held across the loop)
+            own = (mask_d[:, None] & (ts >= 0)[None, :]).to(tl.int32)
         else:
-            if STEP == 0:
-                tl.inline_asm_elementwise(_STORE_FIRST_4, _STORE_CONSTRAINTS_4, [p, x, ok], dtype=tl.int32,
-                                          is_pure=False, pack=4)
+            own = (mask_d[:, None] & (ts // ITEMS == STEP // ITEMS)[None, :]).to(tl.int32)
+        if STEP % ITEMS == 0:
+            if ITEMS == 16:
+                tl.inline_asm_elementwise(_STORE_FIRST_16, _STORE_CONSTRAINTS_16, [p, x, own], dtype=tl.int32,
+                                          is_pure=False, pack=16)
+            elif ITEMS == 8:
+                tl.inline_asm_elementwise(_STORE_FIRST_8, _STORE_CONSTRAINTS_8, [p, x, own], dtype=tl.int32,
+                                          is_pure=False, pack=8)
             else:
-                tl.inline_asm_elementwise(_STORE_LAST_4, _STORE_CONSTRAINTS_4, [p, x, ok], dtype=tl.int32,
+                tl.inline_asm_elementwise(_STORE_FIRST_4, _STORE_CONSTRAINTS_4, [p, x, own], dtype=tl.int32,
+                                          is_pure=False, pack=4)
+        else:
+            tl.static_assert(STEP % ITEMS == ITEMS - 1, "_store_step: the first or the last step of a lane")
+            if ITEMS == 16:
+                tl.inline_asm_elementwise(_STORE_LAST_16, _STORE_CONSTRAINTS_16, [p, x, own], dtype=tl.int32,
+                                          is_pure=False, pack=16)
+            elif ITEMS == 8:
+                tl.inline_asm_elementwise(_STORE_LAST_8, _STORE_CONSTRAINTS_8, [p, x, own], dtype=tl.int32,
+                                          is_pure=False, pack=8)
+            else:
+                tl.inline_asm_elementwise(_STORE_LAST_4, _STORE_CONSTRAINTS_4, [p, x, own], dtype=tl.int32,
                                           is_pure=False, pack=4)
     else:
-        # pointers laid out like the tile, valid only where masked in (tt == STEP)
-        tl.store(ptrs[:, None] + (tt[None, :] - STEP), x, mask=mask_d[:, None] & (tt == STEP)[None, :])
+        # pointers laid out like the tile, valid only where masked in (ts == STEP)
+        tl.store(ptrs[:, None] + (ts[None, :] - STEP), x, mask=mask_d[:, None] & (ts == STEP)[None, :])
+
+
+@triton.jit
+def _time_order(tt, ITEMS: tl.constexpr, SUB: tl.constexpr, FAST: tl.constexpr):
+    """The step each column of a [BD, L] tile holds. FAST with SUB = 2 (a lane holds two 16-byte
+    vectors, ITEMS = 2 VEC steps): Triton lays the tile out as 16-byte vectors, lane after lane,
+    then a second round, and a lane's registers run vector by vector; so column
+    32 VEC r + VEC i + e (round r, lane i, element e) holds step ITEMS i + VEC r + e, and each lane
+    holds ITEMS consecutive steps in its registers, as the scans assume."""
+    if FAST and SUB > 1:
+        VEC: tl.constexpr = ITEMS // SUB
+        return ITEMS * ((tt // VEC) % 32) + VEC * (tt // (32 * VEC)) + tt % VEC
+    else:
+        return tt
 
 
 @triton.jit
@@ -383,68 +429,88 @@ def _entry_state(k, bi, c, mask_d, h0_ptr, saved_ptr, dim, dstate, nchunks, s_hb
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv,
+def _fwd_chunk(k, t0, bi, grp, c, cl, mask_d, ts, bias2, Dv,
                u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
-               dim, dstate, seqlen, nchunks,
+               dim, dstate, seqlen, nslots,
                s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
                s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
                SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr, MASKED: tl.constexpr,
-               L: tl.constexpr, ITEMS: tl.constexpr):
-    """One chunk [t0, t0 + L): out and the state leaving it (saved[:, k], or h_T for the last)."""
-    t = t0 + tt
+               L: tl.constexpr, ITEMS: tl.constexpr, SUB: tl.constexpr):
+    """One chunk [t0, t0 + L) of SUB backward chunks: out, and the state leaving each backward
+    chunk kb (saved[:, kb], h_T for the last one). Loads use the channels cl (c, with the tile's
+    channels past the group repeating its last one), so that only time needs a load mask."""
+    t = t0 + ts
     if MASKED:
         mask_t = t < seqlen
+        ld_mask = mask_t[None, :] & (cl >= 0)[:, None]
         mask = mask_d[:, None] & mask_t[None, :]
     else:
+        ld_mask = (cl >= 0)[:, None] & (t >= 0)[None, :]  # all true: folded away
         mask = mask_d[:, None]
-    u = _to_acc(tl.load(u_ptr + bi * s_ub + c[:, None] * s_ud + t[None, :] * s_ul, mask=mask, other=0.0), ACC, FAST)
-    x = _to_acc(tl.load(delta_ptr + bi * s_db + c[:, None] * s_dd + t[None, :] * s_dl, mask=mask, other=0.0), ACC, FAST)
+    u = _to_acc(tl.load(u_ptr + bi * s_ub + cl[:, None] * s_ud + t[None, :] * s_ul, mask=ld_mask, other=0.0),
+                ACC, FAST)
+    x = _to_acc(tl.load(delta_ptr + bi * s_db + cl[:, None] * s_dd + t[None, :] * s_dl, mask=ld_mask, other=0.0),
+                ACC, FAST)
+    # dt in log2 units, dt2 = dt log2(e): exp(dt A) = 2^(dt2 A), and softplus(x) log2(e) = log2(1 + 2^(x log2(e)))
     if HAS_BIAS:
-        x += bias[:, None]
-    dt = x
+        x2 = x * LOG2E + bias2[:, None]
+    else:
+        x2 = x * LOG2E
+    dt2 = x2
     if SOFTPLUS:
-        dt = _softplus(x, FAST)
+        dt2 = tl.where(x2 > 20.0 * LOG2E, x2, _lg2(1.0 + _ex2(x2, FAST), FAST))  # identity above 20, as torch
     if MASKED:
-        dt = tl.where(mask, dt, 0.0)
-    dtu = dt * u
+        dt2 = tl.where(mask, dt2, 0.0)
+    dtu = (dt2 * LN2) * u
     y = tl.zeros_like(u)
     if HAS_D:
         y = Dv[:, None] * u
 
-    in_ptrs, in_stride, in_mask = _entry_state(k, bi, c, mask_d, h0_ptr, saved_ptr, dim, dstate, nchunks,
+    in_ptrs, in_stride, in_mask = _entry_state(k * SUB, bi, cl, mask_d, h0_ptr, saved_ptr, dim, dstate, nslots,
                                                s_hb, s_hd, s_hn, HAS_H0)
     slab = dim * dstate
     st_off = c.to(tl.int64) * dstate
-    out_state = tl.where(k == nchunks - 1, hT_ptr + bi * slab + st_off,
-                         saved_ptr + (bi * (nchunks - 1) + k) * slab + st_off)
+    kb = k * SUB  # the backward chunks ending in this chunk: kb (and kb + 1)
+    state0 = tl.where(kb == nslots - 1, hT_ptr + bi * slab + st_off,
+                      saved_ptr + (bi * (nslots - 1) + kb) * slab + st_off)
+    state1 = tl.where(kb + 1 == nslots - 1, hT_ptr + bi * slab + st_off,
+                      saved_ptr + (bi * (nslots - 1) + kb + 1) * slab + st_off)
+    mask1 = mask_d & (kb + 1 < nslots)  # a partial last chunk may end inside its first half
     # pointers advanced by one state per trip (cheaper than recomputing them from j)
     B_ptrs = B_ptr + bi * s_Bb + grp * s_Bg + t * s_Bl
     C_ptrs = C_ptr + bi * s_Cb + grp * s_Cg + t * s_Cl
-    A_ptrs = A_ptr + c * s_Ad
+    A_ptrs = A_ptr + cl * s_Ad
     for _ in range(dstate):
-        A2 = tl.load(A_ptrs, mask=mask_d, other=0.0).to(ACC) * LOG2E
+        Aj = tl.load(A_ptrs).to(ACC)
         if MASKED:
             Bj = tl.load(B_ptrs, mask=mask_t, other=0.0).to(ACC)
             Cj = tl.load(C_ptrs, mask=mask_t, other=0.0).to(ACC)
         else:
             Bj = _to_acc(tl.load(B_ptrs), ACC, FAST)
             Cj = _to_acc(tl.load(C_ptrs), ACC, FAST)
-        a = _ex2(dt * A2[:, None], FAST)
+        a = _ex2(dt2 * Aj[:, None], FAST)
         if MASKED:
             a = tl.where(mask, a, 1.0)  # padded steps: the identity, also for A = -inf
         bx = dtu * Bj[None, :]
-        h_in = tl.load(in_ptrs, mask=in_mask, other=0.0).to(ACC)
-        h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)
+        if HAS_H0:
+            h_in = tl.load(in_ptrs).to(ACC)
+        else:
+            h_in = tl.load(in_ptrs, mask=in_mask, other=0.0).to(ACC)
+        h = _forward_scan(a, bx, h_in, ts, ITEMS, FAST)
         y += Cj[None, :] * h  # y_t = sum_n C_t[n] h_t[n]
-        _store_step(out_state, h, mask_d, tt, L - 1, L, ITEMS, FAST)
+        _store_step(state0, h, mask_d, ts, L // SUB - 1, ITEMS, FAST)
+        if SUB > 1:
+            _store_step(state1, h, mask1, ts, L - 1, ITEMS, FAST)
+            state1 += 1
         A_ptrs += s_An
         B_ptrs += s_Bn
         C_ptrs += s_Cn
         in_ptrs += in_stride
-        out_state += 1
+        state0 += 1
     if HAS_Z:
-        zv = _to_acc(tl.load(z_ptr + bi * s_zb + c[:, None] * s_zd + t[None, :] * s_zl, mask=mask, other=0.0), ACC, FAST)
+        zv = _to_acc(tl.load(z_ptr + bi * s_zb + cl[:, None] * s_zd + t[None, :] * s_zl, mask=ld_mask, other=0.0),
+                     ACC, FAST)
         y *= zv * _sigmoid(zv, FAST)  # out = y * silu(z)
     tl.store(out_ptr + (bi * dim + c[:, None]) * seqlen + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -455,12 +521,12 @@ def _fwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias, Dv,
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, hT_ptr, saved_ptr,
-    dim, dstate, seqlen, nchunks, ngroups,
+    dim, dstate, seqlen, nslots, ngroups,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An, s_D, s_bias,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr,
+    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, SUB: tl.constexpr,
 ):
     dpg = dim // ngroups
     ntiles = tl.cdiv(dpg, BLOCK_D)  # 1-D grid: channel tiles fastest, so tiles sharing B, C run together
@@ -470,25 +536,26 @@ def _fwd_kernel(
     cg = (pid % ntiles) * BLOCK_D + tl.arange(0, BLOCK_D)  # channel within the group
     mask_d = cg < dpg
     c = grp * dpg + cg
-    tt = tl.arange(0, L)
-    bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
-    Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
+    cl = grp * dpg + tl.minimum(cg, dpg - 1)  # channels to load from: always in range
+    ts = _time_order(tl.arange(0, L), ITEMS, SUB, FAST)
+    bias2 = tl.load(bias_ptr + cl * s_bias).to(ACC) * LOG2E if HAS_BIAS else None
+    Dv = tl.load(D_ptr + cl * s_D).to(ACC) if HAS_D else None
     nfull = seqlen // L
     for k in range(nfull):
-        _fwd_chunk(k, k * L, bi, grp, c, mask_d, tt, bias, Dv,
+        _fwd_chunk(k, k * L, bi, grp, c, cl, mask_d, ts, bias2, Dv,
                    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
-                   dim, dstate, seqlen, nchunks,
+                   dim, dstate, seqlen, nslots,
                    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
                    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
-                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, False, L, ITEMS)
+                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, False, L, ITEMS, SUB)
         tl.debug_barrier()  # the next chunk reads the states this one stored
-    if nfull < nchunks:
-        _fwd_chunk(nfull, nfull * L, bi, grp, c, mask_d, tt, bias, Dv,
+    if nfull * L < seqlen:
+        _fwd_chunk(nfull, nfull * L, bi, grp, c, cl, mask_d, ts, bias2, Dv,
                    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, out_ptr, hT_ptr, saved_ptr,
-                   dim, dstate, seqlen, nchunks,
+                   dim, dstate, seqlen, nslots,
                    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_Ad, s_An,
                    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
-                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, True, L, ITEMS)
+                   HAS_D, HAS_Z, HAS_BIAS, HAS_H0, SOFTPLUS, ACC, FAST, True, L, ITEMS, SUB)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -578,7 +645,7 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_a
         lam_c = tl.load(lam_in, mask=lam_in_mask, other=0.0).to(ACC)
         g = tl.where(tt[None, :] == L - 1, g + lam_c[:, None], g)
         lam = _reverse_scan(a, g, tt, L, ITEMS, FAST)
-        _store_step(lam_out, a * lam, mu_mask, tt, 0, L, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
+        _store_step(lam_out, a * lam, mu_mask, tt, 0, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
 
         ah = h - dtu * Bj[None, :]  # a_t h_{t-1} (bx recomputed: one register tile less across the scans)
         lam_ah = lam * ah
@@ -684,16 +751,36 @@ def _bwd_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
+class Plan(NamedTuple):
+    """How a sequence is cut. The backward walks chunks of ``chunk = 32 items`` steps (a lane holds
+    one 16-byte vector of steps) and ``saved`` holds the state entering each but the first. The
+    forward walks chunks of ``sub`` backward chunks (a lane holds ``sub`` vectors: the shuffles
+    composing the lanes' maps, paid per lane, are spread over twice the steps) and stores the
+    state at the end of each backward chunk. ``sub`` is 2 once there are two backward chunks."""
+    items: int
+    chunk: int
+    nchunks: int
+    sub: int
+
+    @property
+    def fwd_chunk(self):
+        return self.sub * self.chunk
+
+    @property
+    def fwd_items(self):
+        return self.sub * self.items
+
+
 def _items(dtype):
     """Steps per lane: one 16-byte vector of the input dtype (what the coalesced loads give)."""
     return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 def _plan(dtype, seqlen):
-    """(ITEMS, L, nchunks): steps per lane, chunk length, chunks."""
     items = _items(dtype)
     chunk = INTERPRET_CHUNK if _INTERPRET else LANES * items
-    return items, chunk, triton.cdiv(seqlen, chunk)
+    nchunks = triton.cdiv(seqlen, chunk)
+    return Plan(items, chunk, nchunks, 2 if nchunks > 1 else 1)
 
 
 def _acc(u):
@@ -720,7 +807,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
     b, d, l = u.shape
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
-    items, chunk, nchunks = _plan(u.dtype, l)
+    plan = _plan(u.dtype, l)
+    nchunks = plan.nchunks
     out = torch.empty((b, d, l), dtype=u.dtype, device=u.device)
     h_T = torch.empty((b, d, n), dtype=acc, device=u.device)
     saved = torch.empty((b, nchunks - 1, d, n), dtype=acc, device=u.device)
@@ -734,7 +822,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
         *u.stride(), *delta.stride(), *_strides(z, 3), *A.stride(), *_strides(D, 1), *_strides(delta_bias, 1),
         *B.stride(), *C.stride(), *_strides(h0, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u), L=chunk, ITEMS=items,
+        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u), L=plan.fwd_chunk, ITEMS=plan.fwd_items,
+        SUB=plan.sub,
     )
     return out, h_T, saved
 
@@ -745,7 +834,7 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
     b, d, l = u.shape
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
-    items, chunk, nchunks = _plan(u.dtype, l)
+    items, chunk, nchunks, _ = _plan(u.dtype, l)
     assert saved.shape == (b, nchunks - 1, d, n), f"saved: expected {(b, nchunks - 1, d, n)}, got {tuple(saved.shape)}"
     dev = u.device
     du = torch.empty((b, d, l), dtype=u.dtype, device=dev)
