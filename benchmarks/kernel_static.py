@@ -69,7 +69,7 @@ def tool(name):
 
 def call_args(kernel, b, d, l, n, dtype):
     """The scalar arguments the host wrapper passes (contiguous tensors, g = 1, the model's flags).
-    Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, SUB)."""
+    Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, VEC)."""
     import torch
     plan = st._plan({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], l)
     sub = plan.sub if kernel == "fwd" else 1
@@ -84,13 +84,13 @@ def call_args(kernel, b, d, l, n, dtype):
     for pre in ("h", "g"):
         vals.update({f"s_{pre}b": bdn[0], f"s_{pre}d": bdn[1], f"s_{pre}n": bdn[2]})
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=True, HAS_DHT=True, SOFTPLUS=True,
-                 ACC=tl.float32, FAST=True, L=chunk, ITEMS=items, SUB=sub, VEC_ATOMICS=l % 4 == 0)
-    return vals, flags, chunk, plan.nchunks, items, sub
+                 ACC=tl.float32, FAST=True, L=chunk, ITEMS=items, VEC=plan.vec, SUB=sub, VEC_ATOMICS=l % 4 == 0)
+    return vals, flags, chunk, plan.nchunks, items, plan.vec
 
 
 def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None):
     fn = (st._fwd_kernel if kernel == "fwd" else st._bwd_kernel).fn
-    vals, flags, chunk, nchunks, items, sub = call_args(kernel, b, d, l, n, dtype)
+    vals, flags, chunk, nchunks, items, vec = call_args(kernel, b, d, l, n, dtype)
     const = {k: v for k, v in {**flags, "BLOCK_D": block_d}.items() if k in fn.arg_names}
     const.update({k: 1 for k, v in vals.items() if k in fn.arg_names and v == 1})  # JIT: ints == 1
     sig, div16 = {}, []
@@ -107,14 +107,14 @@ def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None):
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     compiled = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, maxnreg=maxnreg))
-    return compiled, chunk, nchunks, items, sub
+    return compiled, chunk, nchunks, items, vec, flags["SUB"]
 
 
 def kept_configs(kernel, d, n, l, dtype="bf16"):
     """Every config the autotuner may pick at this shape: the GPU list, pruned like at run time."""
     configs = st._gpu_configs("fwd" if kernel == "fwd" else "bwd")
-    sub = call_args(kernel, 1, d, l, n, dtype)[5]
-    return st._pruner()(configs, {"dim": d, "ngroups": 1}, SUB=sub)
+    flags = call_args(kernel, 1, d, l, n, dtype)[1]
+    return st._pruner()(configs, {"dim": d, "ngroups": 1}, ITEMS=flags["ITEMS"], VEC=flags["VEC"])
 
 
 # ----------------------------------------------------------------------------- SASS
@@ -196,17 +196,16 @@ def occupancy(regs, shared, warps):
     return blocks * warps / 64
 
 
-def layout_check(ttgir, ptx, items, sub=1):
-    """The [BLOCK_D, L] tiles must give each lane one 16-byte vector of steps (ITEMS / SUB) per
-    round, lanes in order, in one warp: with the column order of _time_order, each lane then holds
-    ITEMS consecutive steps (the scans', the shift's and the one-lane stores' assumption). With
-    SUB = 2 the PTX must also load a lane's two vectors from addresses 16 bytes apart (registers
+def layout_check(ttgir, ptx, items, vec):
+    """The [BLOCK_D, L] tiles must give each lane one 16-byte vector of VEC steps per round, lanes
+    in order, in one warp: with the column order of _time_order, each lane then holds ITEMS
+    consecutive steps (the scans', the shift's and the one-lane stores' assumption). With
+    ITEMS > VEC the PTX must also load a lane's vectors from addresses 16 bytes apart (registers
     run vector by vector). Returns the hot layout string and whether it all holds."""
-    want = (f"sizePerThread = [1, {items // sub}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], "
-            "order = [1, 0]")
+    want = f"sizePerThread = [1, {vec}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]"
     lays = re.findall(r"#blocked\d* = #ttg\.blocked<\{([^}]*)\}>", ttgir)
     ok = any(want == lay.strip() for lay in lays)
-    if sub > 1:
+    if items > vec:
         loaded = set(re.findall(r"ld\.global\.v4\.b32 \{[^}]*\}, \[ (%rd\d+) \+ 0 \]", ptx))
         pairs = re.findall(r"add\.s64 \t(%rd\d+), (%rd\d+), 16;", ptx)
         ok = ok and any(hi in loaded and lo in loaded for hi, lo in pairs)
@@ -256,7 +255,7 @@ def floor_hbm_bytes(kernel, e):
 def analyse(kernel, shape, dtype, config, dump=None):
     b, d, l, n = shape
     bd, warps = config.kwargs["BLOCK_D"], config.num_warps
-    compiled, chunk, nchunks, items, sub = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg)
+    compiled, chunk, nchunks, items, vec, sub = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg)
     sass, res = disassemble(compiled.asm["cubin"])
     if dump:
         os.makedirs(dump, exist_ok=True)
@@ -273,7 +272,7 @@ def analyse(kernel, shape, dtype, config, dump=None):
     state_loop = {k: inner[k] * warps / per_trip for k in inner}
     mufu_lane = per_update["mufu"] * 32  # exps per update, counted per lane
     r = resources(res)
-    want, layout_ok = layout_check(compiled.asm["ttgir"], compiled.asm["ptx"], items, sub)
+    want, layout_ok = layout_check(compiled.asm["ttgir"], compiled.asm["ptx"], items, vec)
     clocks = max(per_update["all"] / 4, per_update["shfl"] / 1, per_update["mufu"] / 0.5)
     e = ELEM[dtype]
     rec = dict(

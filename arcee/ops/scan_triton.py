@@ -112,8 +112,9 @@ def _pruner():
     tile costs fewer instructions per update at every shape, so there is nothing to time."""
     def prune(configs, named_args, **kwargs):
         dpg = named_args["dim"] // named_args["ngroups"]
-        # a forward chunk of two backward chunks already holds 2 x 16 bytes of steps per lane
-        widest = 1 if kwargs.get("SUB", 1) > 1 else triton.next_power_of_2(dpg)
+        # a lane holding more than one 16-byte vector of steps (fp32, or a forward chunk of two
+        # backward chunks) holds one channel: two would spill
+        widest = 1 if kwargs.get("ITEMS", 1) > kwargs.get("VEC", 1) else triton.next_power_of_2(dpg)
         fits = [c for c in configs if c.kwargs["BLOCK_D"] <= widest]
         return [max(fits, key=lambda c: c.kwargs["BLOCK_D"]) if fits else
                 min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
@@ -235,12 +236,11 @@ def forward_scan_ptx(items):
     return "{ " + " ".join(lines) + " }"
 
 
+# FAST lanes hold 8 steps (the backward, and the forward within one backward chunk) or 16
 _FORWARD_SCAN_16 = tl.constexpr(forward_scan_ptx(16))
 _FORWARD_SCAN_8 = tl.constexpr(forward_scan_ptx(8))
-_FORWARD_SCAN_4 = tl.constexpr(forward_scan_ptx(4))
 _FORWARD_SCAN_CONSTRAINTS_16 = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 48))
 _FORWARD_SCAN_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 24))
-_FORWARD_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 12))
 
 
 @triton.jit
@@ -251,12 +251,10 @@ def _forward_scan(a, bx, h_in, ts, ITEMS: tl.constexpr, FAST: tl.constexpr):
         if ITEMS == 16:
             return tl.inline_asm_elementwise(_FORWARD_SCAN_16, _FORWARD_SCAN_CONSTRAINTS_16, [a, bx, hb],
                                              dtype=tl.float32, is_pure=True, pack=16)
-        elif ITEMS == 8:
+        else:
+            tl.static_assert(ITEMS == 8, "_forward_scan: 8 or 16 steps per lane")
             return tl.inline_asm_elementwise(_FORWARD_SCAN_8, _FORWARD_SCAN_CONSTRAINTS_8, [a, bx, hb],
                                              dtype=tl.float32, is_pure=True, pack=8)
-        else:
-            return tl.inline_asm_elementwise(_FORWARD_SCAN_4, _FORWARD_SCAN_CONSTRAINTS_4, [a, bx, hb],
-                                             dtype=tl.float32, is_pure=True, pack=4)
     else:
         bx0 = tl.where(ts[None, :] == 0, bx + a * h_in[:, None], bx)  # the entering state: b_0 += a_0 h_in
         _, h = tl.associative_scan((a, bx0), 1, _combine)
@@ -264,126 +262,90 @@ def _forward_scan(a, bx, h_in, ts, ITEMS: tl.constexpr, FAST: tl.constexpr):
 
 
 _REVERSE_SCAN_8 = tl.constexpr(reverse_scan_ptx(8))
-_REVERSE_SCAN_4 = tl.constexpr(reverse_scan_ptx(4))
 _REVERSE_SCAN_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
-_REVERSE_SCAN_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 8))
 
 
 @triton.jit
-def _reverse_scan(a, g, tt, L: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
-    """lam [BD, L] with lam_t = g_t + a_{t+1} lam_{t+1}, nothing after step L - 1 (fold any carry
-    into g's last step). FAST: reverse_scan_ptx, from the lane's registers (Triton lowers a reverse
+def _reverse_scan(a, g, ts, ITEMS: tl.constexpr, FAST: tl.constexpr):
+    """lam [BD, L] with lam_t = g_t + a_{t+1} lam_{t+1}, nothing after the last step (fold any carry
+    into g's last step). FAST: reverse_scan_ptx, from the lane's registers: a_{t+1} is the next
+    register or, for a lane's last step, one shuffle (Triton lowers a reverse
     tl.associative_scan by reversing the tile across lanes: ~130 shuffles instead of 12)."""
     if FAST:
-        if ITEMS == 8:
-            return tl.inline_asm_elementwise(_REVERSE_SCAN_8, _REVERSE_SCAN_CONSTRAINTS_8, [a, g],
-                                             dtype=tl.float32, is_pure=True, pack=8)
-        else:
-            return tl.inline_asm_elementwise(_REVERSE_SCAN_4, _REVERSE_SCAN_CONSTRAINTS_4, [a, g],
-                                             dtype=tl.float32, is_pure=True, pack=4)
+        tl.static_assert(ITEMS == 8, "_reverse_scan: 8 steps per lane")
+        return tl.inline_asm_elementwise(_REVERSE_SCAN_8, _REVERSE_SCAN_CONSTRAINTS_8, [a, g],
+                                         dtype=tl.float32, is_pure=True, pack=8)
     else:
-        _, lam = tl.associative_scan((_shift_next(a, tt, L, ITEMS, FAST), g), 1, _combine, reverse=True)
+        _, lam = tl.associative_scan((_shift_next(a, ts), g), 1, _combine, reverse=True)
         return lam
 
 
 @triton.jit
-def _shift_next(x, tt, L: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
-    """y[:, t] = x[:, t + 1] of a [BD, L] fp32 tile; y[:, L - 1] is unspecified.
-
-    FAST (GPU): each lane holds ITEMS consecutive steps, so the shift moves registers inside the
-    lane and one value across lanes (one shuffle per ITEMS steps). benchmarks/kernel_static.py and
-    tests/test_scan_triton.py check that the compiled kernel has exactly that layout.
-    Otherwise: an exact one-hot contraction over the time axis (the interpreter, fp64).
-    """
-    if FAST:
-        if ITEMS == 8:
-            return tl.inline_asm_elementwise(
-                "mov.b32 $0, $9; mov.b32 $1, $10; mov.b32 $2, $11; mov.b32 $3, $12; "
-                "mov.b32 $4, $13; mov.b32 $5, $14; mov.b32 $6, $15; "
-                "shfl.sync.down.b32 $7, $8, 1, 0x1f, 0xffffffff;",
-                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=8)
-        else:
-            return tl.inline_asm_elementwise(
-                "mov.b32 $0, $5; mov.b32 $1, $6; mov.b32 $2, $7; "
-                "shfl.sync.down.b32 $3, $4, 1, 0x1f, 0xffffffff;",
-                "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        hit = tt[None, :, None] == tt[None, None, :] - 1  # [1, dst, src]: src = dst + 1
-        return tl.sum(tl.where(hit, x[:, None, :], 0.0), axis=2)
+def _shift_next(x, tt):
+    """y[:, t] = x[:, t + 1] of a [BD, L] tile; y[:, L - 1] is unspecified. An exact one-hot
+    contraction over the time axis (the interpreter, fp64; on a GPU reverse_scan_ptx shifts)."""
+    hit = tt[None, :, None] == tt[None, None, :] - 1  # [1, dst, src]: src = dst + 1
+    return tl.sum(tl.where(hit, x[:, None, :], 0.0), axis=2)
 
 
-def _store_step_asm(items, reg):
-    """PTX for _store_step: operands are ITEMS outputs, then ITEMS addresses, values and flags;
-    a lane whose flag is set stores its register `reg`."""
+def _store_step_asm(items, first):
+    """PTX for _store_step: operands are ITEMS outputs, then ITEMS addresses, values and flags.
+    first: lane 0 stores its register 0 if its flag is set (it reads its lane id itself, so no
+    register is held across the state loop); else the lane whose flag is set stores its last."""
+    if first:
+        return tl.constexpr(
+            "{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.eq.u32 p, l, 0; "
+            f"setp.ne.and.s32 p, ${3 * items}, 0, p; @p st.global.f32 [${items}], ${2 * items}; mov.b32 $0, 0; }}")
     return tl.constexpr(
-        f"{{ .reg .pred p; setp.ne.s32 p, ${3 * items + reg}, 0; "
-        f"@p st.global.f32 [${items + reg}], ${2 * items + reg}; mov.b32 $0, 0; }}")
+        f"{{ .reg .pred p; setp.ne.s32 p, ${4 * items - 1}, 0; "
+        f"@p st.global.f32 [${2 * items - 1}], ${3 * items - 1}; mov.b32 $0, 0; }}")
 
 
-def _store_lane0_asm(items):
-    """PTX for _store_step at step 0: lane 0 stores its register 0 if its flag is set."""
-    return tl.constexpr(
-        "{ .reg .pred p; .reg .u32 l; mov.u32 l, %laneid; setp.eq.u32 p, l, 0; "
-        f"setp.ne.and.s32 p, ${3 * items}, 0, p; @p st.global.f32 [${items}], ${2 * items}; mov.b32 $0, 0; }}")
-
-
-_STORE_FIRST_16, _STORE_LAST_16 = _store_lane0_asm(16), _store_step_asm(16, 15)
-_STORE_FIRST_8, _STORE_LAST_8 = _store_lane0_asm(8), _store_step_asm(8, 7)
-_STORE_FIRST_4, _STORE_LAST_4 = _store_lane0_asm(4), _store_step_asm(4, 3)
+_STORE_FIRST_8, _STORE_LAST_8, _STORE_LAST_16 = _store_step_asm(8, True), _store_step_asm(8, False), \
+    _store_step_asm(16, False)
 _STORE_CONSTRAINTS_16 = tl.constexpr(",".join(["=r"] * 16 + ["l"] * 16 + ["r"] * 32))
 _STORE_CONSTRAINTS_8 = tl.constexpr(",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16))
-_STORE_CONSTRAINTS_4 = tl.constexpr(",".join(["=r"] * 4 + ["l"] * 4 + ["r"] * 8))
 
 
 @triton.jit
 def _store_step(ptrs, x, mask_d, ts, STEP: tl.constexpr, ITEMS: tl.constexpr, FAST: tl.constexpr):
     """ptrs[c] = x[c, step STEP] for the channels in mask_d; x is a [BD, L] tile whose column i
-    holds step ts[i]. STEP is the first or the last step of a lane.
+    holds step ts[i]. FAST: STEP is step 0 (8 steps per lane) or the last step of a lane.
 
     FAST: the lane that holds the step stores it from its registers (a tl.store would first
     convert the tile to the store's own layout through shared memory)."""
     if FAST:
         p = (ptrs[:, None] + 0 * ts[None, :]).to(tl.int64, bitcast=True)
-        # the lane holding the step (ITEMS consecutive steps per lane), hoisted out of the state loop
-        if STEP == 0:  # lane 0: the asm reads the lane id itself (no register held across the loop)
-            own = (mask_d[:, None] & (ts >= 0)[None, :]).to(tl.int32)
-        else:
-            own = (mask_d[:, None] & (ts // ITEMS == STEP // ITEMS)[None, :]).to(tl.int32)
-        if STEP % ITEMS == 0:
-            if ITEMS == 16:
-                tl.inline_asm_elementwise(_STORE_FIRST_16, _STORE_CONSTRAINTS_16, [p, x, own], dtype=tl.int32,
-                                          is_pure=False, pack=16)
-            elif ITEMS == 8:
-                tl.inline_asm_elementwise(_STORE_FIRST_8, _STORE_CONSTRAINTS_8, [p, x, own], dtype=tl.int32,
-                                          is_pure=False, pack=8)
-            else:
-                tl.inline_asm_elementwise(_STORE_FIRST_4, _STORE_CONSTRAINTS_4, [p, x, own], dtype=tl.int32,
-                                          is_pure=False, pack=4)
+        if STEP == 0:
+            tl.static_assert(ITEMS == 8, "_store_step: step 0 with 8 steps per lane")
+            ok = (mask_d[:, None] & (ts >= 0)[None, :]).to(tl.int32)
+            tl.inline_asm_elementwise(_STORE_FIRST_8, _STORE_CONSTRAINTS_8, [p, x, ok], dtype=tl.int32,
+                                      is_pure=False, pack=8)
         else:
             tl.static_assert(STEP % ITEMS == ITEMS - 1, "_store_step: the first or the last step of a lane")
+            # the lane holding the step (ITEMS consecutive steps per lane): hoisted out of the state loop
+            own = (mask_d[:, None] & (ts // ITEMS == STEP // ITEMS)[None, :]).to(tl.int32)
             if ITEMS == 16:
                 tl.inline_asm_elementwise(_STORE_LAST_16, _STORE_CONSTRAINTS_16, [p, x, own], dtype=tl.int32,
                                           is_pure=False, pack=16)
-            elif ITEMS == 8:
+            else:
+                tl.static_assert(ITEMS == 8, "_store_step: 8 or 16 steps per lane")
                 tl.inline_asm_elementwise(_STORE_LAST_8, _STORE_CONSTRAINTS_8, [p, x, own], dtype=tl.int32,
                                           is_pure=False, pack=8)
-            else:
-                tl.inline_asm_elementwise(_STORE_LAST_4, _STORE_CONSTRAINTS_4, [p, x, own], dtype=tl.int32,
-                                          is_pure=False, pack=4)
     else:
         # pointers laid out like the tile, valid only where masked in (ts == STEP)
         tl.store(ptrs[:, None] + (ts[None, :] - STEP), x, mask=mask_d[:, None] & (ts == STEP)[None, :])
 
 
 @triton.jit
-def _time_order(tt, ITEMS: tl.constexpr, SUB: tl.constexpr, FAST: tl.constexpr):
-    """The step each column of a [BD, L] tile holds. FAST with SUB = 2 (a lane holds two 16-byte
-    vectors, ITEMS = 2 VEC steps): Triton lays the tile out as 16-byte vectors, lane after lane,
-    then a second round, and a lane's registers run vector by vector; so column
-    32 VEC r + VEC i + e (round r, lane i, element e) holds step ITEMS i + VEC r + e, and each lane
-    holds ITEMS consecutive steps in its registers, as the scans assume."""
-    if FAST and SUB > 1:
-        VEC: tl.constexpr = ITEMS // SUB
+def _time_order(tt, ITEMS: tl.constexpr, VEC: tl.constexpr, FAST: tl.constexpr):
+    """The step each column of a [BD, L] tile holds. FAST with ITEMS > VEC (a lane holds ITEMS / VEC
+    16-byte vectors of VEC steps): Triton lays the tile out as vectors, lane after lane, then
+    another round, and a lane's registers run vector by vector; so column 32 VEC r + VEC i + e
+    (round r, lane i, element e) holds step ITEMS i + VEC r + e, and each lane holds ITEMS
+    consecutive steps in its registers, as the scans assume (kernel_static.py checks the layout
+    and the PTX)."""
+    if FAST and ITEMS > VEC:
         return ITEMS * ((tt // VEC) % 32) + VEC * (tt // (32 * VEC)) + tt % VEC
     else:
         return tt
@@ -392,20 +354,16 @@ def _time_order(tt, ITEMS: tl.constexpr, SUB: tl.constexpr, FAST: tl.constexpr):
 @triton.jit
 def _atomic_add_row(ptrs, x, VEC: tl.constexpr, ITEMS: tl.constexpr):
     """ptrs[t] += x[t] for a [L] fp32 row, relaxed. VEC (GPU, 16-byte aligned rows): each lane
-    adds its ITEMS consecutive values with vector reductions, from its registers (tl.atomic_add
-    would first convert the row to its 4-wide layout with shuffles)."""
+    adds its ITEMS (8) consecutive values with two vector reductions, from its registers
+    (tl.atomic_add would first convert the row to its 4-wide layout with shuffles)."""
     if VEC:
+        tl.static_assert(ITEMS == 8, "_atomic_add_row: 8 steps per lane")
         p = ptrs.to(tl.int64, bitcast=True)
-        if ITEMS == 8:
-            tl.inline_asm_elementwise(
-                "red.global.gpu.relaxed.add.v4.f32 [$8], {$16, $17, $18, $19}; "
-                "red.global.gpu.relaxed.add.v4.f32 [$8+16], {$20, $21, $22, $23}; mov.b32 $0, 0;",
-                "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,r,r,r,r,r,r,r,r",
-                [p, x], dtype=tl.int32, is_pure=False, pack=8)
-        else:
-            tl.inline_asm_elementwise(
-                "red.global.gpu.relaxed.add.v4.f32 [$4], {$8, $9, $10, $11}; mov.b32 $0, 0;",
-                "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [p, x], dtype=tl.int32, is_pure=False, pack=4)
+        tl.inline_asm_elementwise(
+            "red.global.gpu.relaxed.add.v4.f32 [$8], {$16, $17, $18, $19}; "
+            "red.global.gpu.relaxed.add.v4.f32 [$8+16], {$20, $21, $22, $23}; mov.b32 $0, 0;",
+            "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,r,r,r,r,r,r,r,r",
+            [p, x], dtype=tl.int32, is_pure=False, pack=8)
     else:
         tl.atomic_add(ptrs, x, sem="relaxed")
 
@@ -526,7 +484,7 @@ def _fwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr, SUB: tl.constexpr,
 ):
     dpg = dim // ngroups
     ntiles = tl.cdiv(dpg, BLOCK_D)  # 1-D grid: channel tiles fastest, so tiles sharing B, C run together
@@ -537,7 +495,7 @@ def _fwd_kernel(
     mask_d = cg < dpg
     c = grp * dpg + cg
     cl = grp * dpg + tl.minimum(cg, dpg - 1)  # channels to load from: always in range
-    ts = _time_order(tl.arange(0, L), ITEMS, SUB, FAST)
+    ts = _time_order(tl.arange(0, L), ITEMS, VEC, FAST)
     bias2 = tl.load(bias_ptr + cl * s_bias).to(ACC) * LOG2E if HAS_BIAS else None
     Dv = tl.load(D_ptr + cl * s_D).to(ACC) if HAS_D else None
     nfull = seqlen // L
@@ -561,7 +519,7 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
+def _bwd_chunk(k, t0, bi, grp, c, mask_d, ts, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
                dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
                du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
                dim, dstate, seqlen, nchunks, ngroups,
@@ -571,7 +529,7 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_a
                HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
                MASKED: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC_ATOMICS: tl.constexpr):
     """Gradients of chunk [t0, t0 + L); returns the running (dD, ddelta_bias) partial sums."""
-    t = t0 + tt
+    t = t0 + ts
     # loaded per chunk (L1) rather than kept in registers for the whole program
     bias = tl.load(bias_ptr + c * s_bias, mask=mask_d, other=0.0).to(ACC) if HAS_BIAS else None
     Dv = tl.load(D_ptr + c * s_D, mask=mask_d, other=0.0).to(ACC) if HAS_D else None
@@ -637,15 +595,15 @@ def _bwd_chunk(k, t0, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_a
             a = tl.where(mask, a, 1.0)
         bx = dtu * Bj[None, :]
         h_in = tl.load(in_ptrs, mask=in_mask, other=0.0).to(ACC)
-        h = _forward_scan(a, bx, h_in, tt, ITEMS, FAST)  # the states, recomputed
+        h = _forward_scan(a, bx, h_in, ts, ITEMS, FAST)  # the states, recomputed
         y += Cj[None, :] * h
 
         # lam_t = g_t + a_{t+1} lam_{t+1}, g_t = gy_t C_t; the carry enters at the last step
         g = gy * Cj[None, :]
         lam_c = tl.load(lam_in, mask=lam_in_mask, other=0.0).to(ACC)
-        g = tl.where(tt[None, :] == L - 1, g + lam_c[:, None], g)
-        lam = _reverse_scan(a, g, tt, L, ITEMS, FAST)
-        _store_step(lam_out, a * lam, mu_mask, tt, 0, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
+        g = tl.where(ts[None, :] == L - 1, g + lam_c[:, None], g)
+        lam = _reverse_scan(a, g, ts, ITEMS, FAST)
+        _store_step(lam_out, a * lam, mu_mask, ts, 0, ITEMS, FAST)  # a_0 lam_0: carry, or dh0
 
         ah = h - dtu * Bj[None, :]  # a_t h_{t-1} (bx recomputed: one register tile less across the scans)
         lam_ah = lam * ah
@@ -708,7 +666,7 @@ def _bwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_hb, s_hd, s_hn, s_gb, s_gd, s_gn,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC_ATOMICS: tl.constexpr,
+    BLOCK_D: tl.constexpr, L: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr, VEC_ATOMICS: tl.constexpr,
 ):
     dpg = dim // ngroups
     ntiles = tl.cdiv(dpg, BLOCK_D)
@@ -718,13 +676,13 @@ def _bwd_kernel(
     cg = (pid % ntiles) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cg < dpg
     c = grp * dpg + cg
-    tt = tl.arange(0, L)
+    ts = _time_order(tl.arange(0, L), ITEMS, VEC, FAST)
     dD_acc = tl.zeros([BLOCK_D], ACC)
     dbias_acc = tl.zeros([BLOCK_D], ACC)
     nfull = seqlen // L
     if nfull < nchunks:  # the partial chunk is the last one: it goes first
         dD_acc, dbias_acc = _bwd_chunk(
-            nfull, nfull * L, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
+            nfull, nfull * L, bi, grp, c, mask_d, ts, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
             dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
             dim, dstate, seqlen, nchunks, ngroups,
@@ -735,7 +693,7 @@ def _bwd_kernel(
     for kk in range(nfull):
         k = nfull - 1 - kk
         dD_acc, dbias_acc = _bwd_chunk(
-            k, k * L, bi, grp, c, mask_d, tt, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
+            k, k * L, bi, grp, c, mask_d, ts, bias_ptr, s_bias, D_ptr, s_D, dD_acc, dbias_acc,
             dout_ptr, dhT_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, z_ptr, h0_ptr, saved_ptr,
             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dz_ptr, dh0_ptr, carry_ptr,
             dim, dstate, seqlen, nchunks, ngroups,
@@ -752,11 +710,13 @@ def _bwd_kernel(
 # ----------------------------------------------------------------------------- host side
 
 class Plan(NamedTuple):
-    """How a sequence is cut. The backward walks chunks of ``chunk = 32 items`` steps (a lane holds
-    one 16-byte vector of steps) and ``saved`` holds the state entering each but the first. The
-    forward walks chunks of ``sub`` backward chunks (a lane holds ``sub`` vectors: the shuffles
-    composing the lanes' maps, paid per lane, are spread over twice the steps) and stores the
-    state at the end of each backward chunk. ``sub`` is 2 once there are two backward chunks."""
+    """How a sequence is cut. The backward walks chunks of ``chunk = 32 items`` steps, a lane holding
+    ``items`` consecutive steps (8: one 16-byte vector of bf16 / fp16, two of fp32), and ``saved``
+    holds the state entering each chunk but the first. The forward walks chunks of ``sub`` backward
+    chunks (a lane holds ``sub items`` steps: the shuffle rounds composing the lanes' maps, paid per
+    lane and state, are spread over twice the steps) and stores the state at the end of each
+    backward chunk. ``sub`` is 2 once there are two backward chunks."""
+    vec: int
     items: int
     chunk: int
     nchunks: int
@@ -771,16 +731,12 @@ class Plan(NamedTuple):
         return self.sub * self.items
 
 
-def _items(dtype):
-    """Steps per lane: one 16-byte vector of the input dtype (what the coalesced loads give)."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
-
-
 def _plan(dtype, seqlen):
-    items = _items(dtype)
+    vec = 16 // torch.empty((), dtype=dtype).element_size()  # steps per 16-byte vector
+    items = max(vec, 8) if vec >= 4 else vec  # fp64 (never FAST) keeps one vector
     chunk = INTERPRET_CHUNK if _INTERPRET else LANES * items
     nchunks = triton.cdiv(seqlen, chunk)
-    return Plan(items, chunk, nchunks, 2 if nchunks > 1 else 1)
+    return Plan(vec, items, chunk, nchunks, 2 if nchunks > 1 else 1)
 
 
 def _acc(u):
@@ -823,7 +779,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
         *B.stride(), *C.stride(), *_strides(h0, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
         SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u), L=plan.fwd_chunk, ITEMS=plan.fwd_items,
-        SUB=plan.sub,
+        VEC=plan.vec, SUB=plan.sub,
     )
     return out, h_T, saved
 
@@ -834,7 +790,7 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
     b, d, l = u.shape
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
-    items, chunk, nchunks, _ = _plan(u.dtype, l)
+    vec, items, chunk, nchunks, _ = _plan(u.dtype, l)
     assert saved.shape == (b, nchunks - 1, d, n), f"saved: expected {(b, nchunks - 1, d, n)}, got {tuple(saved.shape)}"
     dev = u.device
     du = torch.empty((b, d, l), dtype=u.dtype, device=dev)
@@ -862,7 +818,7 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
         *B.stride(), *C.stride(), *_strides(h0, 3), *_strides(dh_T, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
         HAS_DHT=dh_T is not None, SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u),
-        L=chunk, ITEMS=items, VEC_ATOMICS=_fast(u) and l % 4 == 0,  # rows of dB, dC 16-byte aligned
+        L=chunk, ITEMS=items, VEC=vec, VEC_ATOMICS=_fast(u) and l % 4 == 0,  # rows of dB, dC 16-byte aligned
     )
     return (
         du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
