@@ -69,13 +69,15 @@ def tool(name):
 # ----------------------------------------------------------------------------- compile
 
 def call_args(kernel, b, d, l, n, dtype):
-    """The scalar arguments the host wrapper passes (contiguous tensors, g = 1, the model's flags).
+    """The scalar arguments the host wrapper passes (contiguous tensors with rows padded to 16 steps,
+    g = 1, the model's flags).
     Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, VEC)."""
     import torch
     plan = st._plan({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], l)
     sub = plan.sub if kernel == "fwd" else 1
     chunk, items = plan.chunk * sub, plan.items * sub
-    bdl, bnl, bdn = (d * l, l, 1), (n * l, n * l, l, 1), (d * n, n, 1)
+    lp = -(-l // 16) * 16  # rows padded to 16 steps by the host (scan_triton._vector_rows) when l is not
+    bdl, bnl, bdn = (d * lp, lp, 1), (n * lp, n * lp, lp, 1), (d * n, n, 1)
     vals = dict(dim=d, dstate=n, seqlen=l, nchunks=plan.nchunks, nslots=plan.nchunks, ngroups=1,
                 s_Ad=n, s_An=1, s_D=1, s_bias=1)
     for pre in ("u", "d", "z", "o"):
@@ -197,15 +199,27 @@ def occupancy(regs, shared, warps):
     return blocks * warps / 64
 
 
+LANE_ASM = ("Ar, Hr", "an, Ar", "setp.ne", "red.global")  # the PTX that assumes a lane's steps (scans, stores, atomics)
+
+
 def layout_check(ttgir, ptx, items, vec):
-    """The [BLOCK_D, L] tiles must give each lane one 16-byte vector of VEC steps per round, lanes
-    in order, in one warp: with the column order of _time_order, each lane then holds ITEMS
-    consecutive steps (the scans', the shift's and the one-lane stores' assumption). With
-    ITEMS > VEC the PTX must also load a lane's vectors from addresses 16 bytes apart (registers
-    run vector by vector). Returns the hot layout string and whether it all holds."""
+    """Every inline PTX that assumes a lane holds ITEMS consecutive steps (the scans, the one-lane
+    stores, the vector atomics) must get tiles whose TTGIR layout gives each lane one 16-byte vector
+    of VEC steps per round, lanes in order, in one warp (rows: a slice of that layout): with the
+    column order of _time_order each lane then holds ITEMS consecutive steps. With ITEMS > VEC the
+    PTX must also load a lane's vectors from addresses 16 bytes apart (registers run vector by
+    vector). Returns the wanted layout and whether it all holds."""
     want = f"sizePerThread = [1, {vec}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]"
-    lays = re.findall(r"#blocked\d* = #ttg\.blocked<\{([^}]*)\}>", ttgir)
-    ok = any(want == lay.strip() for lay in lays)
+    aliases = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.M))
+    good = {name for name, lay in aliases.items() if lay.strip() == want}
+    seen, ok = 0, bool(good)
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" in line and any(k in line for k in LANE_ASM):
+            for lay in re.findall(r"tensor<[0-9x]+x\w+, (#\w+|#ttg\.slice<\{[^}]*\}>)>", line):
+                parent = re.match(r"#ttg\.slice<\{dim = \d+, parent = (#\w+)\}>", lay)
+                ok = ok and (parent.group(1) if parent else lay) in good
+                seen += 1
+    ok = ok and seen > 0
     if items > vec:
         loaded = set(re.findall(r"ld\.global\.v4\.b32 \{[^}]*\}, \[ (%rd\d+) \+ 0 \]", ptx))
         pairs = re.findall(r"add\.s64 \t(%rd\d+), (%rd\d+), 16;", ptx)

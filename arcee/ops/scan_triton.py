@@ -752,6 +752,22 @@ def _fast(u):
     return not _INTERPRET and u.dtype != torch.float64
 
 
+def _vector_rows(x, fast):
+    """x (..., l) as the FAST kernels' 16-byte loads need it, else unchanged: unit stride along l,
+    every other stride a multiple of 16 elements and a 16-byte aligned start, which is what Triton's
+    JIT specialises on (a row that is not provably aligned is loaded one element per lane, a layout
+    the kernels' PTX cannot take). Otherwise a copy whose rows are padded to 16 steps (a view of
+    the first l): the model's tensors never need one (l a multiple of 16, l innermost)."""
+    if x is None or not fast or x.stride(-1) == 0:  # constant along time (B, C as (d, n)): broadcast loads
+        return x
+    if x.stride(-1) == 1 and all(st % 16 == 0 for st in x.stride()[:-1]) and x.data_ptr() % 16 == 0:
+        return x
+    l = x.shape[-1]
+    rows = x.new_empty(*x.shape[:-1], -(-l // 16) * 16)
+    rows[..., :l] = x
+    return rows[..., :l]
+
+
 def _strides(x, ndim):
     return x.stride() if x is not None else (0,) * ndim
 
@@ -765,6 +781,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
     acc = _acc(u)
     plan = _plan(u.dtype, l)
     nchunks = plan.nchunks
+    fast = _fast(u)
+    u, delta, z, B, C = (_vector_rows(x, fast) for x in (u, delta, z, B, C))
     out = torch.empty((b, d, l), dtype=u.dtype, device=u.device)
     h_T = torch.empty((b, d, n), dtype=acc, device=u.device)
     saved = torch.empty((b, nchunks - 1, d, n), dtype=acc, device=u.device)
@@ -791,6 +809,8 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
     n, g = A.shape[1], B.shape[1]
     acc = _acc(u)
     vec, items, chunk, nchunks, _ = _plan(u.dtype, l)
+    fast = _fast(u)
+    dout, u, delta, z, B, C = (_vector_rows(x, fast) for x in (dout, u, delta, z, B, C))
     assert saved.shape == (b, nchunks - 1, d, n), f"saved: expected {(b, nchunks - 1, d, n)}, got {tuple(saved.shape)}"
     dev = u.device
     du = torch.empty((b, d, l), dtype=u.dtype, device=dev)
