@@ -68,7 +68,13 @@ def tool(name):
 
 # ----------------------------------------------------------------------------- compile
 
-def call_args(kernel, b, d, l, n, dtype):
+CALLS = {  # the flags of the call compiled: the model's (Arcee: h0 in, dL/dh_T in), or nothing optional
+    "model": dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=True, HAS_DHT=True, SOFTPLUS=True),
+    "bare": dict(HAS_D=False, HAS_Z=False, HAS_BIAS=False, HAS_H0=False, HAS_DHT=False, SOFTPLUS=False),
+}
+
+
+def call_args(kernel, b, d, l, n, dtype, call="model"):
     """The scalar arguments the host wrapper passes (contiguous tensors with rows padded to 16 steps,
     g = 1, the model's flags).
     Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, VEC)."""
@@ -86,14 +92,14 @@ def call_args(kernel, b, d, l, n, dtype):
         vals.update({f"s_{pre}b": bnl[0], f"s_{pre}g": bnl[1], f"s_{pre}n": bnl[2], f"s_{pre}l": bnl[3]})
     for pre in ("h", "g"):
         vals.update({f"s_{pre}b": bdn[0], f"s_{pre}d": bdn[1], f"s_{pre}n": bdn[2]})
-    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, HAS_H0=True, HAS_DHT=True, SOFTPLUS=True,
+    flags = dict(**CALLS[call],
                  ACC=tl.float32, FAST=True, L=chunk, ITEMS=items, VEC=plan.vec, SUB=sub, VEC_ATOMICS=l % 4 == 0)
     return vals, flags, chunk, plan.nchunks, items, plan.vec
 
 
-def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None):
+def compile_kernel(kernel, b, d, l, n, dtype, block_d, num_warps, maxnreg=None, call="model"):
     fn = (st._fwd_kernel if kernel == "fwd" else st._bwd_kernel).fn
-    vals, flags, chunk, nchunks, items, vec = call_args(kernel, b, d, l, n, dtype)
+    vals, flags, chunk, nchunks, items, vec = call_args(kernel, b, d, l, n, dtype, call)
     const = {k: v for k, v in {**flags, "BLOCK_D": block_d}.items() if k in fn.arg_names}
     const.update({k: 1 for k, v in vals.items() if k in fn.arg_names and v == 1})  # JIT: ints == 1
     sig, div16 = {}, []
@@ -202,13 +208,44 @@ def occupancy(regs, shared, warps):
 LANE_ASM = ("Ar, Hr", "an, Ar", "setp.ne", "red.global")  # the PTX that assumes a lane's steps (scans, stores, atomics)
 
 
-def layout_check(ttgir, ptx, items, vec):
+def lane_steps(layout, shape, items, vec):
+    """[lanes][registers] -> the step each register of each lane holds, for one row of a [BD, L]
+    tile: Triton's own linear layout of `layout` (a TTGIR blocked-layout string) on `shape`,
+    composed with the column numbering of scan_triton._time_order. None when this Triton has no
+    gluon layout API."""
+    try:
+        from triton._C.libtriton import gluon_ir, ir
+        from triton.experimental.gluon import language as gl
+    except ImportError:
+        return None
+    field = lambda key: [int(v) for v in re.search(rf"{key} = \[([^]]*)\]", layout).group(1).split(",")]  # noqa: E731
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    builder = gluon_ir.GluonOpBuilder(ctx)
+    blocked = gl.BlockedLayout(size_per_thread=field("sizePerThread"), threads_per_warp=field("threadsPerWarp"),
+                               warps_per_cta=field("warpsPerCTA"), order=field("order"))
+    linear = builder.to_linear_layout(blocked._to_ir(builder), list(shape))
+    steps = st.time_order_columns(shape[1], items, vec) if items > vec else list(range(shape[1]))
+
+    def coord(reg, lane):  # a linear layout: XOR of the bases of the set bits
+        row = col = 0
+        for bases, idx in ((linear.reg_bases, reg), (linear.lane_bases, lane)):
+            for bit, (r, c) in enumerate(bases):
+                if idx >> bit & 1:
+                    row, col = row ^ r, col ^ c
+        return row, col
+    nregs = 1 << len(linear.reg_bases)
+    return [[int(steps[coord(reg, lane)[1]]) for reg in range(nregs) if coord(reg, lane)[0] == 0]
+            for lane in range(1 << len(linear.lane_bases))]
+
+
+def layout_check(ttgir, items, vec, shape):
     """Every inline PTX that assumes a lane holds ITEMS consecutive steps (the scans, the one-lane
     stores, the vector atomics) must get tiles whose TTGIR layout gives each lane one 16-byte vector
-    of VEC steps per round, lanes in order, in one warp (rows: a slice of that layout): with the
-    column order of _time_order each lane then holds ITEMS consecutive steps. With ITEMS > VEC the
-    PTX must also load a lane's vectors from addresses 16 bytes apart (registers run vector by
-    vector). Returns the wanted layout and whether it all holds."""
+    of VEC steps per round, lanes in order, in one warp (rows: a slice of that layout); and Triton's
+    linear layout of it on the [BD, L] tile, with _time_order's column numbering, must put steps
+    ITEMS i .. ITEMS i + ITEMS - 1 in lane i's registers, in order. Returns the wanted layout and
+    whether it all holds."""
     want = f"sizePerThread = [1, {vec}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]"
     aliases = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.M))
     good = {name for name, lay in aliases.items() if lay.strip() == want}
@@ -219,17 +256,14 @@ def layout_check(ttgir, ptx, items, vec):
                 parent = re.match(r"#ttg\.slice<\{dim = \d+, parent = (#\w+)\}>", lay)
                 ok = ok and (parent.group(1) if parent else lay) in good
                 seen += 1
-    ok = ok and seen > 0
-    if items > vec:
-        loaded = set(re.findall(r"ld\.global\.v4\.b32 \{[^}]*\}, \[ (%rd\d+) \+ 0 \]", ptx))
-        pairs = re.findall(r"add\.s64 \t(%rd\d+), (%rd\d+), 16;", ptx)
-        ok = ok and any(hi in loaded and lo in loaded for hi, lo in pairs)
-    return want, ok
+    lanes = lane_steps(want, shape, items, vec)
+    consecutive = lanes is None or lanes == [list(range(items * i, items * i + items)) for i in range(32)]
+    return want, ok and seen > 0 and consecutive
 
 
 # ----------------------------------------------------------------------------- HBM model
 
-def hbm_bytes(kernel, b, d, l, n, e, nchunks, g=1, state_io=True):
+def hbm_bytes(kernel, b, d, l, n, e, nchunks, g=1, state_io=True, z=True):
     """Bytes per (b, d, t) that must cross HBM: each tensor the kernel touches, once.
     state_io=False: the call mamba_ssm can make (no h0 in, no dL/dh_T in, no dh0 out).
     nchunks: backward chunks (saved holds the states entering chunks 1..)."""
@@ -237,44 +271,46 @@ def hbm_bytes(kernel, b, d, l, n, e, nchunks, g=1, state_io=True):
     states = 4 * n / l  # one fp32 (b, d, n) state tensor, per time step
     saved = states * (nchunks - 1)  # states entering chunks 1.., written forward, read backward
     if kernel == "fwd":  # u, delta, z in; out; B, C; h_T out (always); h0 in
-        return 3 * e + e + bc + states + saved + (states if state_io else 0.0)
+        return (2 + z) * e + e + bc + states + saved + (states if state_io else 0.0)
     # the lam carries between chunks go through two (b, d, n) buffers used in turn (one is dh0),
     # rewritten in place: each is written back once (L2 write-back), at most 2 of them
     carries = states * min(nchunks - 1, 2)
     # dout, u, delta, z in; du, ddelta, dz out; B, C in; dB, dC out (fp32); saved in; h0, dh_T in, dh0 out
-    return 4 * e + 3 * e + bc + 2 * g * n * 4 / d + saved + carries + (3 * states if state_io else 0.0)
+    return (3 + z) * e + (2 + z) * e + bc + 2 * g * n * 4 / d + saved + carries + (3 * states if state_io else 0.0)
 
 
-def mamba_hbm_bytes(kernel, l, n, e, d, g=1):
+def mamba_hbm_bytes(kernel, l, n, e, d, g=1, z=True):
     """mamba_ssm's selective_scan_fn with z at the same shape (no h0, no h_T), by the same rule, as
     its csrc/selective_scan kernels read and write (REFERENCE.md section 1):
     - forward: u, delta, z in; `out` (before the gate, kept for the backward) and `out_z` written;
       x, the running (a, b) pair of every 2048-step chunk, written (fp32, 8 n B per chunk);
     - backward: dout, u, delta, z and `out` in (dz = dout out sigma(z)(1 + z(1 - sigma(z))));
-      du, ddelta, dz out; dB, dC fp32; x read for the chunks after the first only."""
+      du, ddelta, dz out; dB, dC fp32; x read for the chunks after the first only.
+    Without z: u, delta in, out written; dout, u, delta in, du, ddelta out."""
     chunks = math.ceil(l / 2048)
     bc = 2 * g * n * e / d
     if kernel == "fwd":
-        return 3 * e + 2 * e + bc + 8 * n * chunks / l
-    return 5 * e + 3 * e + bc + 2 * g * n * 4 / d + 8 * n * (chunks - 1) / l
+        return (2 + z) * e + (1 + z) * e + bc + 8 * n * chunks / l
+    return (3 + 2 * z) * e + (2 + z) * e + bc + 2 * g * n * 4 / d + 8 * n * (chunks - 1) / l
 
 
-def floor_hbm_bytes(kernel, e):
+def floor_hbm_bytes(kernel, e, z=True):
     """REFERENCE.md's physical floor, bf16 with z: u, delta, z in and out written (fwd, 8 B); dout,
     u, delta, z in, du, ddelta, dz out (bwd, 14 B): what no kernel can go under."""
-    return 4 * e if kernel == "fwd" else 7 * e
+    return (3 + z) * e if kernel == "fwd" else (5 + 2 * z) * e
 
 
 # ----------------------------------------------------------------------------- main
 
-def analyse(kernel, shape, dtype, config, dump=None):
+def analyse(kernel, shape, dtype, config, dump=None, call="model"):
     b, d, l, n = shape
     bd, warps = config.kwargs["BLOCK_D"], config.num_warps
-    compiled, chunk, nchunks, items, vec, sub = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg)
+    compiled, chunk, nchunks, items, vec, sub = compile_kernel(kernel, b, d, l, n, dtype, bd, warps, config.maxnreg,
+                                                               call)
     sass, res = disassemble(compiled.asm["cubin"])
     if dump:
         os.makedirs(dump, exist_ok=True)
-        stem = os.path.join(dump, f"{kernel}_{b}_{d}_{l}_{n}_{dtype}_bd{bd}")
+        stem = os.path.join(dump, f"{kernel}_{b}_{d}_{l}_{n}_{dtype}_bd{bd}" + ("" if call == "model" else f"_{call}"))
         for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
             with open(f"{stem}.{ext}", "w") as f:
                 f.write(text)
@@ -287,11 +323,11 @@ def analyse(kernel, shape, dtype, config, dump=None):
     state_loop = {k: inner[k] * warps / per_trip for k in inner}
     mufu_lane = per_update["mufu"] * 32  # exps per update, counted per lane
     r = resources(res)
-    want, layout_ok = layout_check(compiled.asm["ttgir"], compiled.asm["ptx"], items, vec)
+    want, layout_ok = layout_check(compiled.asm["ttgir"], items, vec, (1, chunk))
     clocks = max(per_update["all"] / 4, per_update["shfl"] / 1, per_update["mufu"] / 0.5)
-    e = ELEM[dtype]
+    e, has_z = ELEM[dtype], CALLS[call]["HAS_Z"]
     rec = dict(
-        kernel=kernel, shape=dict(b=b, d=d, l=l, n=n), dtype=dtype,
+        kernel=kernel, call=call, shape=dict(b=b, d=d, l=l, n=n), dtype=dtype,
         config=dict(BLOCK_D=bd, num_warps=warps, maxnreg=config.maxnreg, L=chunk, ITEMS=items, SUB=sub),
         warp_instr_per_update=per_update["all"], shfl_per_update=per_update["shfl"], mufu_per_update=mufu_lane,
         ldg_per_update=per_update["ldg"], stg_per_update=per_update["stg"], bar_per_update=per_update["bar"],
@@ -301,10 +337,10 @@ def analyse(kernel, shape, dtype, config, dump=None):
         issue_clocks_per_update_per_sm=clocks,
         regs=r["regs"], spill_bytes=r["spill_bytes"], local_bytes=r["local_bytes"], shared_bytes=r["shared_bytes"],
         occupancy=occupancy(r["regs"], r["shared_bytes"], warps),
-        hbm_bytes_per_bdt=hbm_bytes(kernel, b, d, l, n, e, nchunks),
-        hbm_bytes_per_bdt_as_mamba=hbm_bytes(kernel, b, d, l, n, e, nchunks, state_io=False),
-        mamba_hbm_bytes_per_bdt=mamba_hbm_bytes(kernel, l, n, e, d),
-        floor_hbm_bytes_per_bdt=floor_hbm_bytes(kernel, e),
+        hbm_bytes_per_bdt=hbm_bytes(kernel, b, d, l, n, e, nchunks, state_io=call == "model", z=has_z),
+        hbm_bytes_per_bdt_as_mamba=hbm_bytes(kernel, b, d, l, n, e, nchunks, state_io=False, z=has_z),
+        mamba_hbm_bytes_per_bdt=mamba_hbm_bytes(kernel, l, n, e, d, z=has_z),
+        floor_hbm_bytes_per_bdt=floor_hbm_bytes(kernel, e, z=has_z),
         l2_atomic_bytes_per_bdt=(2 * n * 4 / bd) if kernel == "bwd" else 0.0,
         exps_per_bdt=(inner["mufu"] * n + rest["mufu"]) * 32 / per_trip * warps,
         state_loop_instructions=ihi - ilo + 1, chunk_loop_instructions=ohi - olo + 1,
@@ -345,6 +381,8 @@ def main(argv=None):
     p.add_argument("--block-d", type=int, nargs="+", help="only these BLOCK_D (default: every kept config)")
     p.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     p.add_argument("--dump", metavar="DIR", help="also write each kernel's TTGIR, PTX and SASS here")
+    p.add_argument("--call", default="model", choices=sorted(CALLS),
+                   help="model: D, z, delta_bias, softplus, h0, dL/dh_T (default); bare: none of them")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else list(SHAPES.values())
     records = []
@@ -354,7 +392,7 @@ def main(argv=None):
             for config in kept_configs(kernel, d, n, l, args.dtype):
                 if args.block_d and config.kwargs["BLOCK_D"] not in args.block_d:
                     continue
-                records.append(analyse(kernel, shape, args.dtype, config, args.dump))
+                records.append(analyse(kernel, shape, args.dtype, config, args.dump, args.call))
                 print(f"compiled {kernel} {shape} BLOCK_D={config.kwargs['BLOCK_D']}", file=sys.stderr)
     print(table(records))
     t = TARGETS

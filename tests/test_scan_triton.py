@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from arcee.ops import selective_scan_fn, selective_scan_ref
 
@@ -348,6 +350,27 @@ def test_complex_A_is_refused_clearly():
         selective_scan_fn(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
 
 
+_time_order = None  # scan_triton._time_order, set by the test below (the module is imported lazily)
+
+
+@triton.jit
+def _numbering(out_ptr, L: tl.constexpr, ITEMS: tl.constexpr, VEC: tl.constexpr):
+    tt = tl.arange(0, L)
+    tl.store(out_ptr + tt, _time_order(tt, ITEMS, VEC, True))
+
+
+def test_time_order_matches_its_numpy_statement(st):
+    """_time_order (the kernels' column numbering) equals time_order_columns, which
+    benchmarks/kernel_static.py composes with Triton's own layout to check each lane's steps."""
+    global _time_order
+    _time_order = st._time_order
+    for L, items, vec in ((512, 16, 8), (256, 8, 4), (512, 16, 4), (256, 8, 8)):
+        out = torch.empty(L, dtype=torch.int32, device=DEVICE)
+        _numbering[(1,)](out, L, items, vec)
+        assert out.tolist() == st.time_order_columns(L, items, vec).tolist()
+        assert sorted(out.tolist()) == list(range(L))  # a permutation of the chunk's steps
+
+
 def test_vector_rows_pads_only_what_the_vector_loads_cannot_take(st):
     """The FAST kernels need rows Triton's JIT can prove 16-byte aligned; anything else is copied
     into rows padded to 16 steps (same values), and nothing is copied when it already is."""
@@ -479,9 +502,9 @@ def test_static_tool_on_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     out = tmp_path / "static.json"
     root = os.path.join(os.path.dirname(__file__), "..")
-    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_static.py"), "--shape", "2,64,256,16",
-                        "--shape", "2,64,333,16", "--json", str(out)], env=env, capture_output=True, text=True,
-                       timeout=900)
+    tool = [sys.executable, os.path.join(root, "benchmarks", "kernel_static.py")]
+    r = subprocess.run(tool + ["--shape", "2,64,256,16", "--shape", "2,64,333,16", "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {rec["kernel"] for rec in records} == {"fwd", "bwd"}
@@ -489,6 +512,11 @@ def test_static_tool_on_sm90(tmp_path):
     # and the rows (padded to 16 steps by the host) still load as vectors: the layout check holds
     assert {(rec["kernel"], rec["shape"]["l"], rec["config"]["SUB"]) for rec in records} == {
         ("fwd", 256, 1), ("bwd", 256, 1), ("fwd", 333, 2), ("bwd", 333, 1)}
+    # the call with none of D, z, delta_bias, softplus, h0, dL/dh_T compiles through other branches
+    r = subprocess.run(tool + ["--shape", "2,64,333,16", "--call", "bare", "--dtype", "fp32", "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records += json.loads(out.read_text())
     for rec in records:
         assert rec["layout_ok"], f"{rec['kernel']}: the [BLOCK_D, L] tiles no longer have layout {rec['layout']}"
         assert 0 < rec["state_loop_warp_instr_per_update"] <= rec["warp_instr_per_update"]

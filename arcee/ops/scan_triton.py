@@ -337,6 +337,13 @@ def _store_step(ptrs, x, mask_d, ts, STEP: tl.constexpr, ITEMS: tl.constexpr, FA
         tl.store(ptrs[:, None] + (ts[None, :] - STEP), x, mask=mask_d[:, None] & (ts == STEP)[None, :])
 
 
+def time_order_columns(L, items, vec):
+    """The step each column of a FAST [BD, L] tile holds, as _time_order computes it (numpy, for
+    benchmarks/kernel_static.py and the tests, which compose it with Triton's own layout)."""
+    tt = np.arange(L)
+    return items * ((tt // vec) % LANES) + vec * (tt // (LANES * vec)) + tt % vec
+
+
 @triton.jit
 def _time_order(tt, ITEMS: tl.constexpr, VEC: tl.constexpr, FAST: tl.constexpr):
     """The step each column of a [BD, L] tile holds. FAST with ITEMS > VEC (a lane holds ITEMS / VEC
