@@ -76,7 +76,7 @@ CALLS = {  # the flags of the call compiled: the model's (Arcee: h0 in, dL/dh_T 
 
 def call_args(kernel, b, d, l, n, dtype, call="model"):
     """The scalar arguments the host wrapper passes (contiguous tensors with rows padded to 16 steps,
-    g = 1, the model's flags).
+    g = 1, the flags of CALLS[call]).
     Returns (values, constexpr flags, the kernel's chunk L, backward chunks, ITEMS, VEC)."""
     import torch
     plan = st._plan({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], l)
@@ -244,8 +244,8 @@ def layout_check(ttgir, items, vec, shape):
     stores, the vector atomics) must get tiles whose TTGIR layout gives each lane one 16-byte vector
     of VEC steps per round, lanes in order, in one warp (rows: a slice of that layout); and Triton's
     linear layout of it on the [BD, L] tile, with _time_order's column numbering, must put steps
-    ITEMS i .. ITEMS i + ITEMS - 1 in lane i's registers, in order. Returns the wanted layout and
-    whether it all holds."""
+    ITEMS i .. ITEMS i + ITEMS - 1 in lane i's registers, in order. Returns the wanted layout, whether
+    it all holds, and whether the lane order could be checked (it needs Triton's gluon API)."""
     want = f"sizePerThread = [1, {vec}], threadsPerWarp = [1, 32], warpsPerCTA = [1, 1], order = [1, 0]"
     aliases = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{([^}]*)\}>", ttgir, re.M))
     good = {name for name, lay in aliases.items() if lay.strip() == want}
@@ -258,7 +258,7 @@ def layout_check(ttgir, items, vec, shape):
                 seen += 1
     lanes = lane_steps(want, shape, items, vec)
     consecutive = lanes is None or lanes == [list(range(items * i, items * i + items)) for i in range(32)]
-    return want, ok and seen > 0 and consecutive
+    return want, ok and seen > 0 and consecutive, lanes is not None
 
 
 # ----------------------------------------------------------------------------- HBM model
@@ -323,7 +323,7 @@ def analyse(kernel, shape, dtype, config, dump=None, call="model"):
     state_loop = {k: inner[k] * warps / per_trip for k in inner}
     mufu_lane = per_update["mufu"] * 32  # exps per update, counted per lane
     r = resources(res)
-    want, layout_ok = layout_check(compiled.asm["ttgir"], items, vec, (1, chunk))
+    want, layout_ok, lane_order_checked = layout_check(compiled.asm["ttgir"], items, vec, (1, chunk))
     clocks = max(per_update["all"] / 4, per_update["shfl"] / 1, per_update["mufu"] / 0.5)
     e, has_z = ELEM[dtype], CALLS[call]["HAS_Z"]
     rec = dict(
@@ -344,7 +344,7 @@ def analyse(kernel, shape, dtype, config, dump=None, call="model"):
         l2_atomic_bytes_per_bdt=(2 * n * 4 / bd) if kernel == "bwd" else 0.0,
         exps_per_bdt=(inner["mufu"] * n + rest["mufu"]) * 32 / per_trip * warps,
         state_loop_instructions=ihi - ilo + 1, chunk_loop_instructions=ohi - olo + 1,
-        layout=want, layout_ok=layout_ok,
+        layout=want, layout_ok=layout_ok, lane_order_checked=lane_order_checked,
     )
     t = TARGETS[kernel]
     rec["meets_targets"] = bool(

@@ -519,6 +519,7 @@ def test_static_tool_on_sm90(tmp_path):
     records += json.loads(out.read_text())
     for rec in records:
         assert rec["layout_ok"], f"{rec['kernel']}: the [BLOCK_D, L] tiles no longer have layout {rec['layout']}"
+        assert rec["lane_order_checked"]  # Triton's linear layout was read, not skipped
         assert 0 < rec["state_loop_warp_instr_per_update"] <= rec["warp_instr_per_update"]
         assert rec["state_loop_mufu_per_update"] == pytest.approx(1.0, abs=0.01)  # one exp per update
         assert rec["regs"] <= 128 and rec["occupancy"] >= 0.25

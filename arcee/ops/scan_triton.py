@@ -2,9 +2,9 @@
 
 One launch forward, one launch backward, time-parallel like mamba_ssm's CUDA kernel. A program
 owns ``BLOCK_D`` channels of one group of one batch element and is one warp. It walks the
-sequence in chunks of ``L = 32 * ITEMS`` steps: each lane holds ``ITEMS`` consecutive steps
-(one 16-byte vector of the input dtype) of every channel of the tile, so a ``[BLOCK_D, L]``
-tile is what the loads give, with no layout conversion. For every state ``n`` in turn (a loop:
+sequence in chunks of ``L = 32 * ITEMS`` steps: each lane holds ``ITEMS = 8`` consecutive steps
+(one 16-byte vector of bf16 / fp16, two of fp32) of every channel of the tile, so a
+``[BLOCK_D, L]`` tile is what the loads give, with no layout conversion. For every state ``n`` in turn (a loop:
 ``n`` is never a tile axis) the recurrence ``h_t = a_t h_{t-1} + b_t`` is one
 ``tl.associative_scan`` along time: a sequential scan of the lane's ``ITEMS`` steps, then five
 shuffle rounds across the warp, amortised over ``ITEMS`` steps. ``y_t = sum_n C_t[n] h_t[n]`` (and
@@ -350,8 +350,8 @@ def _time_order(tt, ITEMS: tl.constexpr, VEC: tl.constexpr, FAST: tl.constexpr):
     16-byte vectors of VEC steps): Triton lays the tile out as vectors, lane after lane, then
     another round, and a lane's registers run vector by vector; so column 32 VEC r + VEC i + e
     (round r, lane i, element e) holds step ITEMS i + VEC r + e, and each lane holds ITEMS
-    consecutive steps in its registers, as the scans assume (kernel_static.py checks the layout
-    and the PTX)."""
+    consecutive steps in its registers, as the scans assume (kernel_static.py checks this against
+    Triton's own linear layout of the compiled tiles)."""
     if FAST and ITEMS > VEC:
         return ITEMS * ((tt // VEC) % 32) + VEC * (tt // (32 * VEC)) + tt % VEC
     else:
@@ -373,6 +373,16 @@ def _atomic_add_row(ptrs, x, VEC: tl.constexpr, ITEMS: tl.constexpr):
             [p, x], dtype=tl.int32, is_pure=False, pack=8)
     else:
         tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _load_tile(ptrs, mask, MASKED: tl.constexpr):
+    """tl.load with zeros where mask is off; MASKED=False: no mask at all (an all-true one still
+    costs instructions: kernel_static.py counts them)."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit
@@ -411,12 +421,10 @@ def _fwd_chunk(k, t0, bi, grp, c, cl, mask_d, ts, bias2, Dv,
         ld_mask = mask_t[None, :] & (cl >= 0)[:, None]
         mask = mask_d[:, None] & mask_t[None, :]
     else:
-        ld_mask = (cl >= 0)[:, None] & (t >= 0)[None, :]  # all true: folded away
+        ld_mask = None  # full chunks load without a mask
         mask = mask_d[:, None]
-    u = _to_acc(tl.load(u_ptr + bi * s_ub + cl[:, None] * s_ud + t[None, :] * s_ul, mask=ld_mask, other=0.0),
-                ACC, FAST)
-    x = _to_acc(tl.load(delta_ptr + bi * s_db + cl[:, None] * s_dd + t[None, :] * s_dl, mask=ld_mask, other=0.0),
-                ACC, FAST)
+    u = _to_acc(_load_tile(u_ptr + bi * s_ub + cl[:, None] * s_ud + t[None, :] * s_ul, ld_mask, MASKED), ACC, FAST)
+    x = _to_acc(_load_tile(delta_ptr + bi * s_db + cl[:, None] * s_dd + t[None, :] * s_dl, ld_mask, MASKED), ACC, FAST)
     # dt in log2 units, dt2 = dt log2(e): exp(dt A) = 2^(dt2 A), and softplus(x) log2(e) = log2(1 + 2^(x log2(e)))
     if HAS_BIAS:
         x2 = x * LOG2E + bias2[:, None]
@@ -474,8 +482,7 @@ def _fwd_chunk(k, t0, bi, grp, c, cl, mask_d, ts, bias2, Dv,
         in_ptrs += in_stride
         state0 += 1
     if HAS_Z:
-        zv = _to_acc(tl.load(z_ptr + bi * s_zb + cl[:, None] * s_zd + t[None, :] * s_zl, mask=ld_mask, other=0.0),
-                     ACC, FAST)
+        zv = _to_acc(_load_tile(z_ptr + bi * s_zb + cl[:, None] * s_zd + t[None, :] * s_zl, ld_mask, MASKED), ACC, FAST)
         y *= zv * _sigmoid(zv, FAST)  # out = y * silu(z)
     tl.store(out_ptr + (bi * dim + c[:, None]) * seqlen + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -803,7 +810,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0):
         *u.stride(), *delta.stride(), *_strides(z, 3), *A.stride(), *_strides(D, 1), *_strides(delta_bias, 1),
         *B.stride(), *C.stride(), *_strides(h0, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u), L=plan.fwd_chunk, ITEMS=plan.fwd_items,
+        SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=fast, L=plan.fwd_chunk, ITEMS=plan.fwd_items,
         VEC=plan.vec, SUB=plan.sub,
     )
     return out, h_T, saved
@@ -844,8 +851,8 @@ def backward(dout, dh_T, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0
         *_strides(D, 1), *_strides(delta_bias, 1),
         *B.stride(), *C.stride(), *_strides(h0, 3), *_strides(dh_T, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        HAS_DHT=dh_T is not None, SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=_fast(u),
-        L=chunk, ITEMS=items, VEC=vec, VEC_ATOMICS=_fast(u) and l % 4 == 0,  # rows of dB, dC 16-byte aligned
+        HAS_DHT=dh_T is not None, SOFTPLUS=bool(delta_softplus), ACC=_tl_acc(acc), FAST=fast,
+        L=chunk, ITEMS=items, VEC=vec, VEC_ATOMICS=fast and l % 4 == 0,  # rows of dB, dC 16-byte aligned
     )
     return (
         du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
